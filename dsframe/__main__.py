@@ -1,0 +1,3 @@
+from dsframe.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""``python -m dsframe``: compose the config with Hydra, check it, run the recipe."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dsframe.errors import DsframeError
+
+log = logging.getLogger("dsframe")
+# transformers imports torchao when present, which reports its CUDA-only kernels as missing
+logging.getLogger("torchao").setLevel(logging.ERROR)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Resolved once per run and cached with the config, so a sweep's jobs and a run's ranks agree.
+OmegaConf.register_new_resolver("dsframe_uid", lambda: f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}",
+                                use_cache=True, replace=True)
+
+
+def _fail(exc: BaseException) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    print(f"dsframe: error: {exc}", file=sys.stderr)
+    sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dsframe.conf", config_name="config")
+def run(cfg: DictConfig) -> float | None:
+    from dsframe.config import validate
+    from dsframe.runner import Runner
+
+    try:
+        spec = validate(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        log.info("run directory: %s", run_dir)
+        results = Runner(spec, run_dir).run()
+    except DsframeError as exc:
+        _fail(exc)
+        return None
+    return _objective(results)
+
+
+def _objective(results: dict) -> float | None:
+    """The last stage's test accuracy (or loss), for Hydra sweepers that optimise a value."""
+    for metrics in reversed(list(results.values())):
+        test = metrics.get("test", {}) if isinstance(metrics, dict) else {}
+        for key in ("test/acc", "test/loss"):
+            if key in test:
+                return test[key]
+    return None
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] in ("list", "--list"):
+        from dsframe.catalog import print_catalog
+
+        print_catalog()
+        return
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Schemas of the run config. Component groups (model, data, strategy, plugins) are checked
+against the ``Config`` dataclass of the component their ``kind`` (or name) selects."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dsframe import registry
+from dsframe.config.structured import to_dataclass
+from dsframe.errors import ConfigError
+from dsframe.task import TASKS, OptimConfig
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of ``lightning.Trainer`` arguments a recipe may set."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    val_check_interval: Any = 1.0
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    reload_dataloaders_every_n_epochs: int = 0
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError("trainer.accelerator", self.accelerator, f"one of {', '.join(ACCELERATORS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("trainer.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        for key in ("devices", "num_nodes", "max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}", getattr(self, key), "an integer >= 1")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError("trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
+            _check_fraction_or_count(f"trainer.{key}", getattr(self, key))
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ConfigError("trainer.gradient_clip_val", self.gradient_clip_val, "null or a float > 0")
+        if self.num_sanity_val_steps < -1 or self.reload_dataloaders_every_n_epochs < 0:
+            bad = "num_sanity_val_steps" if self.num_sanity_val_steps < -1 else "reload_dataloaders_every_n_epochs"
+            raise ConfigError(f"trainer.{bad}", getattr(self, bad), "an integer >= 0")
+
+
+def _check_fraction_or_count(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, value, "a fraction in [0, 1] or a whole number of batches")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0 or isinstance(value, int) and value < 0:
+        raise ConfigError(key, value, "a fraction in [0.0, 1.0] or a whole number of batches >= 0")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe: a training run (``run: fit``) or a registered stage function."""
+
+    run: str = "fit"
+    description: str = ""
+    plugins: List[str] = field(default_factory=list)
+    init_from: Optional[str] = None  # an earlier stage whose model.pt starts this one
+    trainer: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level trainer
+    optim: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level optim
+    test: bool = True  # evaluate the finished model on the test split
+    options: Dict[str, Any] = field(default_factory=dict)  # free arguments for a stage function
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "???"
+    description: str = ""
+    task: str = "classification"
+    stages: Dict[str, StageConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError("recipe.task", self.task, f"one of {', '.join(TASKS)}")
+        if not self.stages:
+            raise ConfigError("recipe.stages", {}, "at least one stage")
+
+
+@dataclass
+class RunSpec:
+    """The validated run: typed configs for every group, plus the resolved tree for the record."""
+
+    cfg: DictConfig
+    recipe: RecipeConfig
+    model: Any
+    data: Any
+    trainer: TrainerConfig
+    strategy: Any
+    optim: OptimConfig
+    plugins: Dict[str, Any]  # plugin name -> its checked Config
+    seed: int
+    threads: Optional[int]
+
+    def stage_trainer(self, stage: str) -> TrainerConfig:
+        base = OmegaConf.to_container(OmegaConf.structured(self.trainer))
+        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer},
+                            f"recipe.stages.{stage}.trainer")
+
+    def stage_optim(self, stage: str) -> OptimConfig:
+        base = OmegaConf.to_container(OmegaConf.structured(self.optim))
+        return to_dataclass(OptimConfig, {**base, **self.recipe.stages[stage].optim}, f"recipe.stages.{stage}.optim")
+
+
+TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads")
+
+
+def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
+    """Check a group whose ``kind`` selects the component (and so the schema)."""
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
+    kind = node.get("kind")
+    if kind is None:
+        raise ConfigError(f"{key}.kind", None, f"one of {', '.join(reg.names())}")
+    component = reg.get(kind, key=f"{key}.kind")
+    return to_dataclass(component.Config, node, key)
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check the whole composed config before anything runs; raises ConfigError on the first problem."""
+    for key in cfg:
+        if key not in TOP_KEYS:
+            raise ConfigError(str(key), cfg[key], f"a top-level key: {', '.join(TOP_KEYS)}")
+    recipe = to_dataclass(RecipeConfig, cfg.get("recipe"), "recipe")
+    trainer = to_dataclass(TrainerConfig, cfg.get("trainer"), "trainer")
+    optim = to_dataclass(OptimConfig, cfg.get("optim"), "optim")
+    plugin_nodes = cfg.get("plugins") or {}
+    if isinstance(plugin_nodes, DictConfig):
+        plugin_nodes = OmegaConf.to_container(plugin_nodes, resolve=True)
+    plugins: Dict[str, Any] = {}
+    for name, node in plugin_nodes.items():
+        plugins[name] = to_dataclass(registry.plugins.get(name, key=f"plugins.{name}").Config, node,
+                                     f"plugins.{name}")
+    spec = RunSpec(cfg=cfg, recipe=recipe,
+                   model=component_config(registry.models, cfg.get("model"), "model"),
+                   data=component_config(registry.data, cfg.get("data"), "data"),
+                   trainer=trainer,
+                   strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
+                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=cfg.get("threads"))
+    seen: list[str] = []
+    for name, stage in recipe.stages.items():
+        where = f"recipe.stages.{name}"
+        if stage.run != "fit":
+            registry.stages.get(stage.run, key=f"{where}.run")
+        if stage.init_from is not None and stage.init_from not in seen:
+            raise ConfigError(f"{where}.init_from", stage.init_from,
+                              f"an earlier stage: {', '.join(seen) or '(none: this is the first stage)'}")
+        for plugin in stage.plugins:
+            cls = registry.plugins.get(plugin, key=f"{where}.plugins")
+            spec.plugins.setdefault(plugin, cls.Config())
+        spec.stage_trainer(name)
+        spec.stage_optim(name)
+        seen.append(name)
+    if spec.threads is not None and spec.threads < 1:
+        raise ConfigError("threads", spec.threads, "null (torch's default) or an integer >= 1")
+    return spec
+
+
+def _int(cfg: DictConfig, key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, value, "an integer")
+    return value

@@ -1,0 +1,80 @@
+"""Built-in strategies and the contract every strategy factory follows.
+
+A strategy factory is registered in the entry-point group ``dsframe.strategies``. The
+runner calls ``validate`` before any process starts, then ``build`` for the Lightning
+``Strategy`` (or strategy name) to hand the Trainer.
+
+Local multi-process runs start their ranks with the *fork* start method: the ranks inherit
+the current Hydra job (its run directory, its overrides) instead of re-running the command
+line, which under ``-m`` would re-run the whole sweep in every child.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, Optional
+
+from dsframe.errors import ConfigError
+
+START_METHODS = ("fork", "spawn", "popen")
+BACKENDS = ("gloo", "nccl")
+
+
+class StrategyFactory:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def validate(self, config: Any, world_size: int, model: Any, batch_size: int) -> None:
+        """Reject an impossible layout before processes start (raise ConfigError)."""
+
+    def build(self, config: Any, trainer: Any) -> Any:
+        """A Lightning Strategy instance or name, for ``trainer`` (the stage's TrainerConfig)."""
+        raise TypeError(f"{type(self).__name__} must define build()")
+
+
+@dataclass
+class DDPConfig:
+    kind: str = "ddp"
+    backend: Optional[str] = None  # null: nccl on GPUs, gloo on CPUs
+    start_method: str = "fork"
+    timeout_s: int = 1800
+    find_unused_parameters: bool = False
+
+    def __post_init__(self):
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError("strategy.backend", self.backend, f"null or one of {', '.join(BACKENDS)}")
+        if self.start_method not in START_METHODS:
+            raise ConfigError("strategy.start_method", self.start_method, f"one of {', '.join(START_METHODS)}")
+        if self.timeout_s < 1:
+            raise ConfigError("strategy.timeout_s", self.timeout_s, "an integer >= 1 (seconds)")
+
+
+@dataclass
+class AutoConfig:
+    kind: str = "auto"
+
+
+class DDP(StrategyFactory):
+    name = "ddp"
+    description = "data parallel (torch DDP); local ranks are forked, torchrun/SLURM ranks are detected"
+    Config = DDPConfig
+
+    def build(self, config: DDPConfig, trainer: Any) -> Any:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        backend = config.backend or ("nccl" if trainer.accelerator in ("gpu", "cuda") else "gloo")
+        return DDPStrategy(start_method=config.start_method, process_group_backend=backend,
+                           timeout=timedelta(seconds=config.timeout_s),
+                           find_unused_parameters=config.find_unused_parameters)
+
+
+class Auto(StrategyFactory):
+    name = "auto"
+    description = "one process, or forked DDP ranks when trainer.devices or num_nodes > 1"
+    Config = AutoConfig
+
+    def build(self, config: AutoConfig, trainer: Any) -> Any:
+        if trainer.devices * trainer.num_nodes > 1:
+            return DDP().build(DDPConfig(), trainer)
+        return "auto"
