@@ -102,8 +102,8 @@ class Runner:
     def fit_stage(self, ctx: StageContext) -> dict:
         spec, name = self.spec, ctx.stage_name
         pl.seed_everything(spec.seed, workers=True, verbose=False)
-        dm = ctx.datamodule = self.datamodule
         model = self.build_model(ctx)
+        dm = ctx.datamodule = self.datamodule
         _check_labels(model, dm)
         plugins = order_plugins([registry.plugins.get(p, key=f"recipe.stages.{name}.plugins")(spec.plugins[p], ctx)
                                  for p in ctx.stage.plugins])
@@ -126,14 +126,9 @@ class Runner:
         task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
         resume = ckpt_dir / "last.ckpt"
         if resume.exists():
+            _check_checkpoint(resume, name)
             log.info("stage %s: resuming from %s", name, resume)
-        try:
-            trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
-        except (RuntimeError, EOFError, KeyError) as exc:
-            if resume.exists() and _is_load_error(exc):
-                raise CheckpointError(f"cannot resume stage '{name}' from {resume}: {str(exc).splitlines()[0]}. "
-                                      "Delete that file to restart the stage from its beginning.") from None
-            raise
+        trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
         metrics = {"fit": _scalars(trainer.callback_metrics)}
         for plugin in plugins:
             model = plugin.finalize(model)
@@ -179,10 +174,17 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _is_load_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("pytorchstreamreader", "zip archive", "unpickl", "ran out of input",
-                                   "checkpoint", "state_dict", "eof"))
+def _check_checkpoint(path: Path, stage: str) -> None:
+    """Read the checkpoint once (weights only) so a damaged file is named, not a stack trace."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError("no state_dict inside")
+    except Exception as exc:  # any unreadable file ends the same way
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot resume stage '{stage}' from {path}: the file is damaged or not a "
+                              f"Lightning checkpoint ({reason}). Delete it to restart the stage; "
+                              "earlier stages are kept.") from None
 
 
 def _read_metrics(stage_dir: Path) -> dict:

@@ -1,0 +1,62 @@
+"""Entry-point discovery: third-party components load like first-party ones; broken ones are named."""
+import textwrap
+
+from tests.conftest import run_cli
+
+
+def _fake_distribution(root, name, entry_points: str, modules: dict[str, str]):
+    dist = root / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def test_list_shows_third_party_and_reports_broken_plugin(tmp_path):
+    _fake_distribution(tmp_path, "ext_plugins", """
+        [dsframe.plugins]
+        noisy = ext_good:NoisyPlugin
+        broken = ext_broken:Missing
+        """, {
+        "ext_good": '''
+            from dsframe import Plugin
+            class NoisyPlugin(Plugin):
+                name = "noisy"
+                description = "an outside plugin that adds nothing"
+            ''',
+        "ext_broken": "raise ImportError('libfoo.so not found')\n",
+    })
+    proc = run_cli("list", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "noisy" in out and "an outside plugin that adds nothing" in out
+    assert "broken" in out and "libfoo.so not found" in out
+    # the rest still load: built-in components and recipes are listed with descriptions
+    assert "sentiment" in out and "movie_reviews" in out and "ddp" in out
+
+
+def test_using_a_broken_plugin_is_one_clear_error(tmp_path):
+    _fake_distribution(tmp_path, "ext_plugins", """
+        [dsframe.plugins]
+        broken = ext_broken:Missing
+        """, {"ext_broken": "raise ImportError('libfoo.so not found')\n"})
+    proc = run_cli("recipe=sentiment", "+recipe.stages.finetune.plugins=[broken]", cwd=tmp_path,
+                   env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 1
+    assert "broken" in proc.stderr and "libfoo.so not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_registry_lists_broken_entries_in_process(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from dsframe.registry import Registry
+
+    eps = [EntryPoint("ok", "dsframe.strategies:DDP", "dsframe.test"),
+           EntryPoint("bad", "no_such_module_xyz:Thing", "dsframe.test")]
+    monkeypatch.setattr("dsframe.registry.entry_points", lambda group: eps)
+    reg = Registry("test")
+    assert reg.names() == ["ok"]
+    [broken] = reg.broken()
+    assert broken.name == "bad" and "no_such_module_xyz" in broken.error
