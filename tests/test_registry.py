@@ -60,3 +60,29 @@ def test_registry_lists_broken_entries_in_process(monkeypatch):
     assert reg.names() == ["ok"]
     [broken] = reg.broken()
     assert broken.name == "bad" and "no_such_module_xyz" in broken.error
+
+
+def test_outside_package_adds_a_recipe_through_hydra_search_path(tmp_path):
+    (tmp_path / "hydra_plugins" / "ext_conf").mkdir(parents=True)
+    (tmp_path / "hydra_plugins" / "ext_conf" / "__init__.py").write_text(textwrap.dedent('''
+        from hydra.core.config_search_path import ConfigSearchPath
+        from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+        class ExtSearchPath(SearchPathPlugin):
+            def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+                search_path.append(provider="ext_pkg", path="pkg://ext_pkg.conf")
+        '''))
+    (tmp_path / "ext_pkg" / "conf" / "recipe").mkdir(parents=True)
+    (tmp_path / "ext_pkg" / "__init__.py").write_text("")
+    (tmp_path / "ext_pkg" / "conf" / "__init__.py").write_text("")
+    (tmp_path / "ext_pkg" / "conf" / "recipe" / "ext_recipe.yaml").write_text(textwrap.dedent('''
+        # @package _global_
+        recipe:
+          name: ext_recipe
+          description: a recipe shipped by another package
+          stages:
+            finetune: {plugins: []}
+        '''))
+    proc = run_cli("list", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ext_recipe" in proc.stdout and "a recipe shipped by another package" in proc.stdout
