@@ -63,6 +63,13 @@ def main() -> None:
 
         print_catalog()
         return
+    if "--help" not in args and "-h" not in args:
+        from dsframe.precheck import unknown_key_message
+
+        message = unknown_key_message(args)
+        if message:
+            print(f"dsframe: error: {message}", file=sys.stderr)
+            sys.exit(1)
     run()
 
 

@@ -43,10 +43,13 @@ def test_bad_config_is_one_line_no_traceback(tmp_path, override, expected):
     assert not list(tmp_path.rglob("model.pt"))  # nothing trained
 
 
-def test_unknown_key_fails_in_hydra_compose_without_traceback(tmp_path):
-    proc = run_cli("recipe=sentiment", "trainer.max_epoch=3", cwd=tmp_path)
+@pytest.mark.parametrize("mode", [(), ("-m",)], ids=["run", "multirun"])
+def test_unknown_key_names_the_allowed_keys(tmp_path, mode):
+    proc = run_cli(*mode, "recipe=sentiment", "trainer.max_epoch=3", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "trainer.max_epoch" in proc.stderr and "Traceback" not in proc.stderr
+    assert "trainer.max_epoch is not a key of 'trainer'" in proc.stderr
+    assert "max_epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_help_lists_groups_and_options(tmp_path):
