@@ -5,6 +5,7 @@ import logging
 import os
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -16,7 +17,26 @@ from dsframe.errors import DsframeError
 log = logging.getLogger("dsframe")
 # transformers imports torchao when present, which reports its CUDA-only kernels as missing
 logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    """Lightning logs through its own stderr handler *and* Hydra's root handler: keep Hydra's."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_log = logging.getLogger(name)
+        for handler in list(lightning_log.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_log.removeHandler(handler)
+        lightning_log.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
 
 # Resolved once per run and cached with the config, so a sweep's jobs and a run's ranks agree.
 OmegaConf.register_new_resolver("dsframe_uid", lambda: f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}",
@@ -34,6 +54,8 @@ def _fail(exc: BaseException) -> None:
 def run(cfg: DictConfig) -> float | None:
     from dsframe.config import validate
     from dsframe.runner import Runner
+
+    _quiet_lightning()
 
     try:
         spec = validate(cfg)

@@ -81,6 +81,7 @@ class Runner:
             metrics = self.fit_stage(ctx) if stage.run == "fit" else self.function_stage(ctx)
             metrics["seconds"] = round(time.perf_counter() - started, 2)
             self.results[name] = metrics
+            log.info("stage %s: done in %.1f s: %s", name, metrics["seconds"], _summary(metrics))
             if rank_zero_only.rank == 0:
                 write_json(stage_dir / "metrics.json", metrics)
                 write_json(stage_dir / STAGE_FILE, {"status": "done", "stage": name, "run": stage.run})
@@ -155,6 +156,16 @@ class Runner:
     def _save_config(self) -> None:
         if rank_zero_only.rank == 0:
             write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.spec.cfg, resolve=True))
+
+
+def _summary(metrics: dict) -> str:
+    shown = {**metrics.get("test", {})}
+    for key in ("params", "model_mb"):
+        if key in metrics:
+            shown[key] = metrics[key]
+    if not shown:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seconds"}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "ok"
 
 
 def _check_labels(model: torch.nn.Module, dm: Any) -> None:
