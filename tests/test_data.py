@@ -45,3 +45,43 @@ def test_missing_and_malformed_files_are_clear_errors(tmp_path):
     bad.write_text("1\tnot-a-number\tsome text\n")
     with pytest.raises(DsframeError, match="bad.txt:1"):
         mr.read_ratings(bad)
+
+
+class _FakeSplit:
+    """Just the slice of the `datasets.Dataset` API that the hf_text module uses."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.column_names = list(rows[0])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def select(self, idx):
+        return _FakeSplit([self.rows[i] for i in idx])
+
+    def __getitem__(self, column):
+        return [r[column] for r in self.rows]
+
+
+def test_hf_text_loads_named_dataset_and_checks_columns(monkeypatch):
+    import sys
+    import types
+
+    from dsframe.data.hf_text import HFTextConfig, HFTextDataModule
+
+    calls = []
+    rows = [{"sentence": f"sentence number {i}", "label": i % 2} for i in range(10)]
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return _FakeSplit(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    dm = HFTextDataModule(HFTextConfig(max_train_samples=4))
+    dm.setup()
+    assert calls == [("glue", "sst2", "train"), ("glue", "sst2", "validation"), ("glue", "sst2", "validation")]
+    assert len(dm.splits["train"]) == 4 and len(dm.splits["val"]) == 10
+    bad = HFTextDataModule(HFTextConfig(text_field="text"))
+    with pytest.raises(ConfigError, match="data.text_field='text'.*sentence, label"):
+        bad.setup()
