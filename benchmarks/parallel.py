@@ -1,0 +1,292 @@
+"""Hybrid-parallel layouts on CPU/gloo: parity, pipeline bubble, communication, memory, balance.
+
+    python benchmarks/parallel.py --out results/parallel.json          # ~2 min on 2 CPU cores
+    python benchmarks/parallel.py --out p.json --layouts tp2,pp2_1f1b_m4 --steps 4
+
+For each layout the same GPT is trained for ``--steps`` optimizer steps (step 0 is warm-up and
+not measured) under HybridParallelStrategy on forked gloo ranks, and once in one process.
+Written per layout:
+
+* ``max_abs_diff`` — largest |weight difference| to the one-process run after training, and
+  ``loss_max_abs_diff`` over the per-step losses;
+* ``bubble`` — measured idle fraction of the pipeline schedule per rank, 1 − (time inside stage
+  forward/backward chunks) / (time of the whole schedule step), next to the theoretical
+  (p − 1)/(m + p − 1) of GPipe/1F1B;
+* ``comm_bytes_per_step`` — payload bytes this rank handed to collectives per optimizer step,
+  split into tp (DTensor functional collectives, counted by a dispatch mode), pp (stage sends),
+  dp (gradient all-reduce, or FSDP2's all-gather + reduce-scatter), next to the analytic count
+  (``comm_bytes_analytic``) from the shapes;
+* ``param_bytes_rank`` vs ``param_bytes_total`` — what one rank holds of the model;
+* ``stage_imbalance`` — max/min stage cost − 1 of the balanced pipeline split.
+
+A markdown table is written next to the JSON (same name, .md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dsframe.parallel.testing import RunSpec, max_abs_diff, run  # noqa: E402
+
+MODEL = dict(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=192, dropout=0.0)
+SEQ, GLOBAL_BATCH = 64, 32
+
+LAYOUTS = {
+    "tp2": dict(tp=2),
+    "tp2_sequence_parallel": dict(tp=2, sequence_parallel=True),
+    "pp2_gpipe_m2": dict(pp=2, micro_batches=2, schedule="gpipe"),
+    "pp2_gpipe_m8": dict(pp=2, micro_batches=8, schedule="gpipe"),
+    "pp2_1f1b_m4": dict(pp=2, micro_batches=4, schedule="1f1b"),
+    "pp2_1f1b_m8": dict(pp=2, micro_batches=8, schedule="1f1b"),
+    "dp2": dict(dp=2),
+    "dp2_fsdp": dict(dp=2, dp_mode="fsdp"),
+    "dp2_tp2": dict(dp=2, tp=2),
+    "pp2_tp2": dict(pp=2, tp=2, micro_batches=4, schedule="1f1b"),
+    "dp4_hierarchical": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2),
+    "dp2_pp2_fsdp": dict(dp=2, pp=2, micro_batches=4, schedule="1f1b", dp_mode="fsdp"),
+}
+
+
+COLLECTIVES = {"all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast"}
+
+
+class Probe(pl.Callback):
+    """Per-rank timings and communication payloads of the measured steps; rank 0 writes them."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    # -- instrumentation, installed in each rank's process --------------------------------
+    def setup(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+        from torch.distributed.pipelining import schedules
+        from torch.distributed.pipelining.stage import _PipelineStageBase
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        probe = self
+        self.c = {"busy": 0.0, "pipe": 0.0, "step": 0.0, "tp": 0, "pp": 0, "fsdp": 0, "steps": 0}
+        self.active = False
+
+        def timed(fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["busy"] += time.perf_counter() - t0
+            return wrapper
+
+        _PipelineStageBase.forward_one_chunk = timed(_PipelineStageBase.forward_one_chunk)
+        _PipelineStageBase.backward_one_chunk = timed(_PipelineStageBase.backward_one_chunk)
+
+        def counted_p2p(fn):
+            def wrapper(ops, *a, **k):
+                if probe.active:
+                    probe.c["pp"] += sum(op.tensor.numel() * op.tensor.element_size()
+                                         for op in ops if op.op is dist.isend)
+                return fn(ops, *a, **k)
+            return wrapper
+
+        schedules._batch_p2p = counted_p2p(schedules._batch_p2p)   # _sorted_batch_p2p calls it too
+
+        def counted(fn, key):
+            def wrapper(*a, **k):
+                inp = k["input"] if "input" in k else a[1]
+                if probe.active:
+                    probe.c[key] += inp.numel() * inp.element_size()
+                return fn(*a, **k)
+            return wrapper
+
+        # FSDP2's collectives (looked up on torch.distributed at call time)
+        for name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                     "reduce_scatter_tensor"):
+            if hasattr(dist, name):
+                setattr(dist, name, counted(getattr(dist, name), "fsdp"))
+
+        class FunctionalCollectives(TorchDispatchMode):
+            """DTensor's collectives are functional ops (_c10d_functional.*): count their inputs."""
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ns = getattr(func, "namespace", "")
+                if (probe.active and ns.startswith("_c10d_functional")
+                        and func.__name__.split(".")[0] in COLLECTIVES):
+                    t = args[0]
+                    if isinstance(t, torch.Tensor):
+                        probe.c["tp"] += t.numel() * t.element_size()
+                return func(*args, **(kwargs or {}))
+
+        self.mode = FunctionalCollectives()
+        strategy = trainer.strategy
+        if hasattr(strategy, "_run_pipeline"):
+            inner = strategy._run_pipeline
+
+            def run_pipeline(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["pipe"] += time.perf_counter() - t0
+            strategy._run_pipeline = run_pipeline
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = batch_idx >= 1           # step 0: warm-up (shape inference, first allocation)
+        self.dp0 = getattr(trainer.strategy, "comm_bytes", 0)
+        self.t0 = time.perf_counter()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mode.__exit__(None, None, None)
+        if self.active:
+            self.c["step"] += time.perf_counter() - self.t0
+            self.c["steps"] += 1
+            self.c["dp"] = self.c.get("dp", 0) + getattr(trainer.strategy, "comm_bytes", 0) - self.dp0
+        self.active = False
+
+    def on_train_end(self, trainer, pl_module):
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        s = trainer.strategy
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                    for p in pl_module.parameters())
+        n = max(1, self.c["steps"])
+        me = {"rank": s.global_rank, "coords": {d: s._coord(d) for d in ("pp", "dp", "tp")},
+              "param_bytes_rank": local, "step_s": self.c["step"] / n,
+              "bytes_per_step": {k: self.c.get(k, 0) // n for k in ("tp", "pp", "dp", "fsdp")}}
+        if self.c["pipe"] > 0:
+            me["bubble"] = 1.0 - self.c["busy"] / self.c["pipe"]
+        every = [None] * s.world_size
+        dist.all_gather_object(every, me)
+        if s.global_rank == 0:
+            extra = {"stage_plan": s.stage_plan.as_dict()} if s.stage_plan is not None else {}
+            Path(self.out).write_text(json.dumps({"ranks": every, **extra}))
+
+
+def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
+    """Payload bytes per optimizer step for one rank, from the shapes (fp32)."""
+    dp, tp, pp = layout.get("dp", 1), layout.get("tp", 1), layout.get("pp", 1)
+    B = GLOBAL_BATCH // dp                       # rows per dp rank per step
+    C, V, L = MODEL["n_embd"], MODEL["vocab_size"], MODEL["n_layer"]
+    act = B * SEQ * C * 4
+    out = {"tp": 0, "pp": 0, "dp": 0, "fsdp": 0}
+    c = rank["coords"]
+    first, last = c["pp"] == 0, c["pp"] == pp - 1
+    blocks = L // pp                              # the benchmark's splits are even (4 blocks)
+    if tp > 1 and layout.get("sequence_parallel"):
+        # per block, forward: all-gather (input: the local sequence shard) before attn and mlp,
+        # reduce-scatter (input: the whole activation) after their row-wise output; backward mirrors it.
+        # Head: all-gather before it, all-gather of the logits, reduce-scatter of its input gradient.
+        # The embeddings' output is sliced into the first block (free) and its gradient all-gathered.
+        # The LayerNorms' Partial gradients are all-reduced once per step.
+        out["tp"] = (blocks * 4 * (act // tp + act) + act // tp + B * SEQ * V // tp * 4 + act
+                     + act // tp + (2 * L + 1) * 2 * C * 4)
+    elif tp > 1:
+        # forward: one all-reduce per row-wise layer (attn.proj, mlp.proj); backward: one all-reduce of
+        # the input gradient per column-wise layer (q, k, v, fc); LM head: all-gather of the vocab shards
+        # of the logits (forward) and all-reduce of its input gradient (backward)
+        out["tp"] = blocks * (2 + 4) * act + (B * SEQ * V // tp * 4 + act if last else 0)
+    if pp > 1:
+        out["pp"] = (act if not last else 0) + (act if not first else 0)   # activations fwd, grads bwd
+    grad_bytes = rank["param_bytes_rank"]
+    if dp > 1 and layout.get("dp_mode") == "fsdp":
+        out["fsdp"] = grad_bytes + grad_bytes * dp     # all-gather own shard, reduce-scatter the whole
+    elif dp > 1:
+        if layout.get("hierarchical_allreduce"):
+            per = layout.get("ranks_per_node") or dp
+            leader = c["dp"] % per == 0
+            out["dp"] = grad_bytes * ((2 if per > 1 else 0) + (1 if leader and dp // per > 1 else 0))
+        else:
+            out["dp"] = grad_bytes
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    names = [n for n in args.layouts.split(",") if n]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        ap.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
+    base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model=MODEL, lr=0.1)
+    results = {"model": MODEL, "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "steps": args.steps,
+               "measured_steps": args.steps - 1, "torch": torch.__version__, "backend": "gloo", "layouts": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[])
+        ref_time = time.perf_counter() - t0
+        n_params = sum(v.numel() for v in ref["params"].values())
+        results["param_bytes_total"] = n_params * 4
+        results["one_process_wall_s"] = round(ref_time, 2)
+        for name in names:
+            lay = LAYOUTS[name]
+            probe_file = f"{tmp}/{name}.probe.json"
+            t0 = time.perf_counter()
+            res = run(RunSpec(layout=lay, **base), f"{tmp}/{name}.pt", callbacks=[Probe(probe_file)])
+            wall = time.perf_counter() - t0
+            probe = json.loads(Path(probe_file).read_text())
+            p, m = lay.get("pp", 1), lay.get("micro_batches", 1)
+            row = {"layout": lay, "world_size": len(probe["ranks"]), "wall_s": round(wall, 2),
+                   "max_abs_diff": max_abs_diff(res["params"], ref["params"]),
+                   "loss_max_abs_diff": max(abs(a - b) for a, b in zip(res["losses"], ref["losses"])),
+                   "param_bytes_total": n_params * 4, "ranks": []}
+            for r in probe["ranks"]:
+                rr = {"rank": r["rank"], "coords": r["coords"], "step_s": round(r["step_s"], 4),
+                      "param_bytes_rank": r["param_bytes_rank"],
+                      "param_fraction": round(r["param_bytes_rank"] / (n_params * 4), 4),
+                      "comm_bytes_per_step": r["bytes_per_step"],
+                      "comm_bytes_analytic": analytic_bytes(lay, r, n_params)}
+                if "bubble" in r:
+                    rr["bubble_measured"] = round(r["bubble"], 4)
+                row["ranks"].append(rr)
+            if p > 1:
+                row["bubble_theoretical"] = round((p - 1) / (m + p - 1), 4)
+                row["bubble_measured_mean"] = round(sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"]), 4)
+                row["stage_imbalance"] = round(probe["stage_plan"]["imbalance"], 4)
+                row["stages"] = probe["stage_plan"]["stages"]
+            results["layouts"][name] = row
+            print(f"{name:18s} diff {row['max_abs_diff']:.2e}  "
+                  + (f"bubble {row['bubble_measured_mean']:.3f} (theory {row['bubble_theoretical']:.3f})  "
+                     if p > 1 else "") + f"wall {wall:.1f}s", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def markdown(results: dict) -> str:
+    lines = ["| layout | ranks | max_abs_diff | bubble measured / theory | imbalance | "
+             "comm bytes/step rank 0 (measured / analytic) | params on rank 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results["layouts"].items():
+        r0 = r["ranks"][0]
+        meas = sum(r0["comm_bytes_per_step"].values())
+        ana = sum(r0["comm_bytes_analytic"].values())
+        bub = (f"{r['bubble_measured_mean']:.3f} / {r['bubble_theoretical']:.3f}" if "bubble_theoretical" in r
+               else "–")
+        imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
+        lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
+                     f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""``strategy=hybrid``: the config schema, the pre-launch validation and the Lightning strategy.
+
+Registered as ``hybrid = "dsframe.parallel.factory:HybridStrategyFactory"`` in the entry-point
+group ``dsframe.strategies``. ``validate`` runs in the launching process, before any rank starts,
+so an impossible layout costs one line of error, not a hung process group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, Optional
+
+from dsframe.errors import ConfigError
+from dsframe.parallel.layout import ParallelDims
+from dsframe.strategies import BACKENDS, START_METHODS, StrategyFactory
+
+DP_MODES = ("allreduce", "fsdp")
+BALANCE = ("flops", "measured", "uniform")
+
+
+@dataclass
+class HybridConfig:
+    kind: str = "hybrid"
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved_1f1b
+    dp_mode: str = "allreduce"              # allreduce (DDP-style gradient all-reduce) | fsdp (FSDP2)
+    hierarchical_allreduce: bool = False    # reduce in node → all-reduce across nodes → broadcast in node
+    sequence_parallel: bool = False         # shard LayerNorms / residual stream along the sequence (pp=1)
+    ranks_per_node: Optional[int] = None    # null: LOCAL_WORLD_SIZE / devices
+    balance: str = "flops"                  # pipeline stage costs: flops | measured | uniform
+    backend: Optional[str] = None           # null: nccl on GPUs, gloo on CPUs
+    start_method: str = "fork"
+    timeout_s: int = 1800
+
+    def __post_init__(self):
+        self.dims()  # sizes, schedule, micro_batches ≥ pp
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError("strategy.dp_mode", self.dp_mode, f"one of {', '.join(DP_MODES)}")
+        if self.sequence_parallel and self.pp > 1:
+            raise ConfigError("strategy.sequence_parallel", self.sequence_parallel,
+                              "false when pp > 1 (stages pass plain, replicated activations)")
+        if self.balance not in BALANCE:
+            raise ConfigError("strategy.balance", self.balance, f"one of {', '.join(BALANCE)}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError("strategy.backend", self.backend, f"null or one of {', '.join(BACKENDS)}")
+        if self.start_method not in START_METHODS:
+            raise ConfigError("strategy.start_method", self.start_method, f"one of {', '.join(START_METHODS)}")
+        if self.timeout_s < 1:
+            raise ConfigError("strategy.timeout_s", self.timeout_s, "an integer >= 1 (seconds)")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ConfigError("strategy.ranks_per_node", self.ranks_per_node, "null or an integer >= 1")
+
+    def dims(self) -> ParallelDims:
+        return ParallelDims(dp=self.dp, tp=self.tp, pp=self.pp, micro_batches=self.micro_batches,
+                            schedule=self.schedule)
+
+
+def dims_of(model: Any) -> dict:
+    """Layer / head / hidden / vocab sizes of a dsframe model, for the divisibility checks."""
+    kind = getattr(model, "kind", None)
+    if kind == "bert":
+        from dsframe.parallel.plans import bert_dims
+        return bert_dims(model)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "n_layer"):
+        return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size}
+    return {}
+
+
+class HybridStrategyFactory(StrategyFactory):
+    name: ClassVar[str] = "hybrid"
+    description: ClassVar[str] = ("data × tensor × pipeline parallel on one DeviceMesh (DTensor TP, "
+                                  "torch.distributed.pipelining, FSDP2 or hierarchical all-reduce)")
+    Config: ClassVar[type] = HybridConfig
+
+    def validate(self, config: HybridConfig, world_size: int, model: Any, batch_size: Optional[int]) -> None:
+        dims = config.dims()
+        dims.validate_world(world_size)
+        kind = getattr(model, "kind", type(model).__name__)
+        if dims.pp > 1 and not hasattr(model, "pipeline_stage"):
+            raise ConfigError("strategy.pp", dims.pp, f"1: model '{kind}' cannot be cut into pipeline stages "
+                                                      f"(a model needs pipeline_stage(); gpt has it)")
+        if dims.tp > 1:
+            from dsframe.parallel.plans import tp_plan_for
+            try:
+                tp_plan_for(model, **({"sequence_parallel": True} if config.sequence_parallel else {}))
+            except TypeError:
+                raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan") from None
+        model_dims = dims_of(model)
+        if model_dims:
+            dims.validate_model(**model_dims)
+        if batch_size is not None:
+            dims.validate_batch(batch_size)
+
+    def build(self, config: HybridConfig, trainer: Any = None):
+        from dsframe.parallel.strategy import HybridParallelStrategy
+
+        accel = getattr(trainer, "accelerator", "cpu")
+        if config.backend:
+            backend = config.backend
+        else:
+            import torch
+            gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+            backend = "nccl" if gpu else "gloo"
+        return HybridParallelStrategy(dp=config.dp, tp=config.tp, pp=config.pp, micro_batches=config.micro_batches,
+                                      schedule=config.schedule, dp_mode=config.dp_mode,
+                                      hierarchical_allreduce=config.hierarchical_allreduce,
+                                      sequence_parallel=config.sequence_parallel,
+                                      ranks_per_node=config.ranks_per_node, balance=config.balance,
+                                      start_method=config.start_method, process_group_backend=backend,
+                                      timeout=timedelta(seconds=config.timeout_s))
