@@ -114,6 +114,7 @@ class Runner:
         factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
         factory.validate(spec.strategy, trainer_cfg.devices * trainer_cfg.num_nodes, model,
                          getattr(dm, "batch_size", None))
+        factory.validate_plugins(spec.strategy, plugins)
         task = TASKS[spec.recipe.task](model, plugins, spec.stage_optim(name),
                                        **({"num_classes": dm.num_classes} if spec.recipe.task == "classification" else {}))
         ckpt_dir = ctx.stage_dir / "checkpoints"

@@ -28,6 +28,9 @@ class StrategyFactory:
     def validate(self, config: Any, world_size: int, model: Any, batch_size: int) -> None:
         """Reject an impossible layout before processes start (raise ConfigError)."""
 
+    def validate_plugins(self, config: Any, plugins: list) -> None:
+        """Reject plugins this layout cannot run (raise ConfigError); called before launch."""
+
     def build(self, config: Any, trainer: Any) -> Any:
         """A Lightning Strategy instance or name, for ``trainer`` (the stage's TrainerConfig)."""
         raise TypeError(f"{type(self).__name__} must define build()")

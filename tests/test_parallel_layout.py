@@ -113,3 +113,24 @@ def test_bert_dims_and_validation():
     assert e.value.key == "model.n_head"
     with pytest.raises(ConfigError, match="cannot be cut into pipeline stages"):
         HybridStrategyFactory().validate(HybridConfig(pp=2, micro_batches=2), 2, model, 8)
+
+
+def test_pipeline_rejects_plugins_with_a_loss_term_before_launch():
+    from dsframe import Plugin
+    from dsframe.errors import ConfigError
+    from dsframe.parallel.factory import HybridConfig, HybridStrategyFactory
+
+    class AddsLoss(Plugin):
+        name = "adds_loss"
+
+        def loss(self, task, batch, outputs, loss):
+            return loss
+
+    class Watches(Plugin):
+        name = "watches"
+
+    factory = HybridStrategyFactory()
+    factory.validate_plugins(HybridConfig(pp=2, micro_batches=2), [Watches()])
+    factory.validate_plugins(HybridConfig(tp=2), [AddsLoss()])
+    with pytest.raises(ConfigError, match="strategy.pp=2 .*adds_loss"):
+        factory.validate_plugins(HybridConfig(pp=2, micro_batches=2), [AddsLoss(), Watches()])

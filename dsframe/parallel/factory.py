@@ -95,6 +95,17 @@ class HybridStrategyFactory(StrategyFactory):
         if batch_size is not None:
             dims.validate_batch(batch_size)
 
+    def validate_plugins(self, config: HybridConfig, plugins: list) -> None:
+        from dsframe.plugin import Plugin
+
+        if config.pp > 1:
+            # a pipeline schedule computes the loss inside the last stage; a plugin's loss term
+            # (which needs the whole model's logits in one place) cannot join it
+            with_loss = [p.name for p in plugins if type(p).loss is not Plugin.loss]
+            if with_loss:
+                raise ConfigError("strategy.pp", config.pp,
+                                  f"1 when the stage uses plugins that add a loss term ({', '.join(with_loss)})")
+
     def build(self, config: HybridConfig, trainer: Any = None):
         from dsframe.parallel.strategy import HybridParallelStrategy
 
