@@ -1,0 +1,251 @@
+"""Real int8 models for CPU inference: ONNX export, onnxruntime fusion + dynamic int8, and the
+torch dynamic-int8 path, plus a wrapper that makes an ONNX session look like a model.
+
+The fastest CPU path measured here is onnxruntime (fused BERT attention, MatMulInteger with
+per-channel symmetric int8 weights). Word embeddings are stored as an int8 table with one
+fp32 scale per row (``Int8RowEmbedding``) — the per-row grid QAT trained on — instead of
+onnxruntime's per-tensor Gather quantization.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUTS = ("input_ids", "attention_mask")
+
+
+class Int8RowEmbedding(nn.Module):
+    """An embedding table held as int8 with a per-row scale: weight ≈ q * scale.
+
+    With ``keep_ids`` only those rows are stored (vocabulary pruning): a lookup table maps
+    every original token id to its kept row, and ids that were never kept to ``unk_id``'s row,
+    so the model still takes the tokenizer's ids."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None,
+                 keep_ids: torch.Tensor | None = None, unk_id: int = 100):
+        super().__init__()
+        w = weight.detach().float()
+        vocab = w.shape[0]
+        if keep_ids is not None:
+            keep = torch.unique(torch.cat([keep_ids.flatten().long(), torch.tensor([unk_id])]))
+            keep = keep[(keep >= 0) & (keep < vocab)]
+            remap = torch.full((vocab,), int((keep == unk_id).nonzero()[0, 0]), dtype=torch.int32)
+            remap[keep] = torch.arange(keep.numel(), dtype=torch.int32)
+            self.register_buffer("remap", remap)
+            w = w[keep]
+        else:
+            self.remap = None
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+        self.register_buffer("q", (w / scale).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = vocab, w.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:  # what HF code may read (dtype / device checks)
+        return self.scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.remap is not None:
+            ids = self.remap[ids].long()
+        return self.q[ids].float() * self.scale[ids]
+
+
+class _Export(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Temporarily switch HF attention to the eager implementation (onnxruntime fuses its graph)."""
+    cfgs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")
+            and hasattr(m.config, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in cfgs.items()}
+    try:
+        for c in cfgs.values():
+            c._attn_implementation = "eager"
+        yield model
+    finally:
+        for k, c in cfgs.items():
+            c._attn_implementation = saved[k]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, seq_len: int = 128, opset: int = 17,
+                int8_embeddings: bool = False, keep_token_ids: torch.Tensor | None = None,
+                unk_id: int = 100) -> Path:
+    """Legacy (TorchScript) ONNX export with dynamic batch and sequence axes; written atomically."""
+    import copy
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(model).eval().float()
+    if int8_embeddings:
+        emb = _word_embeddings(m)
+        if emb is not None:
+            parent, name, mod = emb
+            setattr(parent, name, Int8RowEmbedding(mod.weight, mod.padding_idx, keep_token_ids, unk_id))
+            for other in ("position_embeddings", "token_type_embeddings"):  # int8 rows too, all kept
+                mod = getattr(parent, other, None)
+                if isinstance(mod, nn.Embedding):
+                    setattr(parent, other, Int8RowEmbedding(mod.weight, mod.padding_idx))
+    ids = torch.ones(2, seq_len, dtype=torch.long)
+    mask = torch.ones(2, seq_len, dtype=torch.long)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with eager_attention(m), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Export(m), (ids, mask), str(tmp), input_names=list(INPUTS), output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                        "logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _word_embeddings(model: nn.Module):
+    for parent in model.modules():
+        if hasattr(parent, "word_embeddings") and isinstance(parent.word_embeddings, nn.Embedding):
+            return parent, "word_embeddings", parent.word_embeddings
+    return None
+
+
+def _num_heads_hidden(model: nn.Module) -> tuple[int, int]:
+    from dsframe_compress.structure import encoder_layers, num_heads
+    layers = encoder_layers(model)
+    if not layers:
+        return 0, 0
+    heads = {num_heads(l) for l in layers}
+    if len(heads) != 1:
+        return 0, 0
+    # onnxruntime's fusion wants the q/k/v width (heads * head size), not the model width
+    return heads.pop(), layers[0].attention.self.query.out_features
+
+
+def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module | None = None) -> dict:
+    """onnxruntime's BERT graph fusion (attention, gelu, layer norm); returns fused op counts.
+
+    Fusion needs one head count for all layers; otherwise the unfused graph is kept."""
+    from onnxruntime.transformers import optimizer
+
+    heads, hidden = _num_heads_hidden(model) if model is not None else (0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                       opt_level=0)  # fusions only; ORT's own graph opts run at load
+        tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+        opt.save_model_to_file(str(tmp))
+    os.replace(tmp, dst)
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, per_channel: bool = True,
+                       embeddings_by_ort: bool = True) -> Path:
+    """onnxruntime dynamic quantization: int8 weights (per channel, symmetric), uint8 activations
+    quantized per call. ``embeddings_by_ort``: also quantize Gather tables (per tensor)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Attention", "Gemm"] + (["Gather", "EmbedLayerNormalization"] if embeddings_by_ort else [])
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=ops,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    os.replace(tmp, dst)
+    return Path(dst)
+
+
+def export_int8(model: nn.Module, out_dir: str | os.PathLike, seq_len: int = 128, fuse: bool = True,
+                int8_embeddings: bool = True, keep_token_ids: torch.Tensor | None = None,
+                unk_id: int = 100) -> dict:
+    """fp32 ONNX (``model.onnx``) and the int8 artifact (``model_int8.onnx``) of ``model``.
+
+    ``keep_token_ids`` (with ``int8_embeddings``): vocabulary pruning of the int8 artifact —
+    only those embedding rows are stored; other ids read ``unk_id``'s row."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_logging():
+        return _export_int8(model, out_dir, seq_len, fuse, int8_embeddings, keep_token_ids, unk_id)
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """onnxruntime's optimizer and quantizer log every node at INFO."""
+    import logging
+
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _export_int8(model, out_dir: Path, seq_len: int, fuse: bool, int8_embeddings: bool,
+                 keep_token_ids, unk_id: int) -> dict:
+    fp32 = export_onnx(model, out_dir / "model.onnx", seq_len)
+    info: dict = {"onnx": str(fp32)}
+    with tempfile.TemporaryDirectory() as td:
+        src = export_onnx(model, Path(td) / "e.onnx", seq_len, int8_embeddings=int8_embeddings,
+                          keep_token_ids=keep_token_ids if int8_embeddings else None, unk_id=unk_id)
+        if fuse:
+            info["fused_ops"] = optimize_onnx(src, Path(td) / "f.onnx", model)
+            src = Path(td) / "f.onnx"
+        int8 = quantize_onnx_int8(src, out_dir / "model_int8.onnx", embeddings_by_ort=not int8_embeddings)
+    info["onnx_int8"] = str(int8)
+    return info
+
+
+class OrtModel:
+    """An onnxruntime session called like a dsframe model: ``m(input_ids=..., attention_mask=...)``."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        feed = {"input_ids": _np(input_ids), "attention_mask": _np(attention_mask)}
+        out = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        return torch.from_numpy(out)
+
+    def eval(self):
+        return self
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.int64) if isinstance(t, torch.Tensor) else np.asarray(t, np.int64)
+
+
+def torch_dynamic_int8(model: nn.Module) -> nn.Module:
+    """torch.ao dynamic int8 (deprecated API, still the fastest int8 path inside torch on CPU):
+    Linear layers run fbgemm int8 kernels with per-channel weights."""
+    import copy
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)

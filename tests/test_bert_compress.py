@@ -1,0 +1,224 @@
+"""int8 export and the bert_compress recipe end to end (debug=tiny: a random 2-layer BERT),
+plus the recipe's bad-input behaviour: one clear error, earlier artifacts untouched."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from dsframe.errors import CheckpointError, ConfigError
+from dsframe_compress.int8 import OrtModel, export_int8, torch_dynamic_int8
+from dsframe_compress.measure import size_mb
+from dsframe_prune import PruneConfig, PrunePlugin
+from dsframe_qat import QatConfig, QATPlugin
+
+from tests._compress_util import batch, ensure_compress_registered, logits, tiny_bert
+
+
+def _confident(model):
+    with torch.no_grad():  # random heads give near-tied logits; widen the gaps so argmax is meaningful
+        model.classifier.weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_int8_onnx_is_smaller_and_agrees_with_fp32(tmp_path, pruned):
+    model = _confident(tiny_bert(vocab=2000, hidden=64, heads=4, ffn=256))
+    if pruned:
+        p = PrunePlugin(PruneConfig(amount=0.5))
+        p.transform(model)
+        p.finalize(model)
+    info = export_int8(model, tmp_path, seq_len=16)
+    assert info["fused_ops"].get("Attention") == 2  # onnxruntime fused both (pruned) attention blocks
+    assert size_mb(info["onnx_int8"]) < 0.45 * size_mb(info["onnx"])
+    b = batch(n=32, seq=16, vocab=2000, seed=7)
+    ref = logits(model, b)
+    fp32 = OrtModel(info["onnx"])(b["input_ids"], b["attention_mask"])
+    int8 = OrtModel(info["onnx_int8"])(b["input_ids"], b["attention_mask"])
+    torch.testing.assert_close(fp32, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(int8, ref)
+    scale = ref.abs().max()
+    assert float((int8 - ref).abs().max()) < 0.1 * float(scale)
+    assert float((int8.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
+
+
+def _int8_weight_error(model, onnx_path) -> float:
+    """Largest distance, in int8 steps, between a dequantized onnxruntime weight and the
+    torch Linear weight it came from."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer}
+    linears = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    worst = 0.0
+    for name, q in inits.items():
+        if not name.endswith("_quantized") or q.ndim != 2:
+            continue
+        scale = torch.from_numpy(inits[name[:-len("_quantized")] + "_scale"])
+        deq = (torch.from_numpy(q).float() * scale).T  # [out, in] like nn.Linear
+        cands = [(deq - w).abs().max() / scale.max() for w in linears if w.shape == deq.shape]
+        worst = max(worst, float(min(cands)))
+    return worst
+
+
+def test_qat_weights_are_exactly_what_onnxruntime_int8_stores(tmp_path):
+    plain = tiny_bert(vocab=500, hidden=64, ffn=256)
+    qat = tiny_bert(vocab=500, hidden=64, ffn=256)
+    q = QATPlugin(QatConfig())
+    q.transform(qat)
+    q.finalize(qat)
+    err = {}
+    for name, m in (("plain", plain), ("qat", qat)):
+        info = export_int8(m, tmp_path / name, seq_len=16, fuse=False)
+        err[name] = _int8_weight_error(m, info["onnx_int8"])
+    assert err["qat"] < 1e-3  # QAT's baked grid == onnxruntime's per-channel symmetric int8
+    assert err["plain"] > 0.1  # an fp32 model loses up to half a step per weight
+
+
+def test_torch_dynamic_int8_runs_int8_linear():
+    model = _confident(tiny_bert())
+    q = torch_dynamic_int8(model)
+    assert "quantized" in type(q.encoder.encoder.layer[0].intermediate.dense).__module__
+    b = batch()
+    assert float((logits(q, b).argmax(-1) == logits(model, b).argmax(-1)).float().mean()) >= 0.75
+
+
+# -- the recipe --------------------------------------------------------------------------------
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    import dsframe.cli  # noqa: F401  (registers the run-dir resolver)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("dsframe.conf", version_base="1.3"):
+        return compose("config", overrides=["recipe=bert_compress", "debug=tiny", *overrides])
+
+
+def _run(run_dir, *overrides):
+    from dsframe.config import validate
+    from dsframe.runner import Runner
+
+    ensure_compress_registered()
+    return Runner(validate(_compose("trainer.enable_progress_bar=false", *overrides)), run_dir).run()
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_bert_compress_debug_end_to_end(tmp_path):
+    results = _run(tmp_path, "recipe.stages.evaluate.options.reps=3")
+    for stage in ("teacher", "prune", "qat"):
+        assert (tmp_path / stage / "model.pt").exists()
+    assert (tmp_path / "export" / "model_int8.onnx").exists()
+    prune_log = json.loads((tmp_path / "prune" / "prune.json").read_text())
+    assert prune_log["final"]["heads"] == [2, 2] and len(prune_log["history"]) >= 1
+    rep = json.loads((tmp_path / "report.json").read_text())
+    models = rep["models"]
+    assert set(models) == {"teacher", "prune", "qat", "int8"}
+    for row in models.values():
+        assert set(row["latency_ms"]) == {"b1_t1", "b8_t1", "b1_t2", "b8_t2"}
+        assert 0 <= row["acc"] <= 100 and row["n"] > 0
+    assert models["prune"]["params"] < models["teacher"]["params"]
+    assert models["int8"]["size_mb"] < models["qat"]["size_mb"] / 2.5
+    assert models["int8"]["size_ratio"] == pytest.approx(models["teacher"]["size_mb"] / models["int8"]["size_mb"],
+                                                         rel=1e-2)
+    md = (tmp_path / "report.md").read_text()
+    assert "| int8 | onnxruntime int8 |" in md
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["export"]["max_abs_diff_fp32"] < 1e-3  # the fp32 ONNX graph is the torch model
+    assert 0 <= results["export"]["argmax_agreement_int8"] <= 100
+    assert results["export"]["vocab_rows_kept"] < 30522  # vocabulary pruning of the int8 artifact
+
+    # a corrupt artifact of a finished stage: one clear error, nothing else touched
+    before = {p: _digest(p) for p in tmp_path.rglob("*.pt")}
+    (tmp_path / "qat" / "model.pt").write_bytes(b"garbage")
+    (tmp_path / "export" / "stage.json").unlink()
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _run(tmp_path, "recipe.stages.evaluate.options.reps=3")
+    for p, d in before.items():
+        if p.parent.name != "qat":
+            assert _digest(p) == d, p
+
+
+def test_bad_prune_amount_fails_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"plugins\.prune\.amount=1\.5.*\[0, 1\)"):
+        _run(tmp_path, "plugins.prune.amount=1.5")
+    assert not any(tmp_path.rglob("model.pt"))
+
+
+def test_teacher_of_another_architecture_fails_the_stage_cleanly(tmp_path):
+    from dsframe.models import save_model
+
+    other = save_model(tiny_bert(num_labels=3), tmp_path / "other_teacher.pt")
+    with pytest.raises(CheckpointError, match="another architecture"):
+        _run(tmp_path / "run", f"plugins.distill.teacher={other}")
+    assert (tmp_path / "run" / "teacher" / "model.pt").exists()  # the finished teacher stage is kept
+    assert not (tmp_path / "run" / "prune" / "model.pt").exists()
+
+
+def test_vocabulary_pruning_of_the_int8_artifact(tmp_path):
+    model = _confident(tiny_bert(vocab=3000, hidden=64, ffn=128))
+    keep = torch.arange(0, 1000)  # the "training split" used ids 0..999 only
+    full = export_int8(model, tmp_path / "full", seq_len=16)
+    small = export_int8(model, tmp_path / "small", seq_len=16, keep_token_ids=keep, unk_id=100)
+    assert size_mb(small["onnx_int8"]) < size_mb(full["onnx_int8"]) - 0.9 * 2000 * 64 / 2**20
+    b = batch(n=8, seq=16, vocab=1000, seed=4)  # only kept ids: same function as the full table
+    f, s = OrtModel(full["onnx_int8"]), OrtModel(small["onnx_int8"])
+    torch.testing.assert_close(s(b["input_ids"], b["attention_mask"]), f(b["input_ids"], b["attention_mask"]),
+                               atol=1e-5, rtol=0)
+    unseen = b["input_ids"].clone()
+    unseen[:, 3] = 2500  # a pruned row reads [UNK]'s row
+    as_unk = b["input_ids"].clone()
+    as_unk[:, 3] = 100
+    torch.testing.assert_close(s(unseen, b["attention_mask"]), f(as_unk, b["attention_mask"]), atol=1e-5, rtol=0)
+    assert not torch.allclose(f(unseen, b["attention_mask"]), f(as_unk, b["attention_mask"]))
+
+
+@pytest.mark.parametrize("name", ["prune", "qat", "distill"])
+def test_plugin_yaml_equals_dataclass_defaults(name):
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import dsframe_distill
+    import dsframe_prune
+    import dsframe_qat
+
+    cls = {"prune": dsframe_prune.PrunePlugin, "qat": dsframe_qat.QATPlugin,
+           "distill": dsframe_distill.DistillPlugin}[name]
+    path = Path(__file__).resolve().parents[1] / "dsframe" / "conf" / "plugins" / f"{name}.yaml"
+    assert path.read_text().startswith(f"# @package plugins.{name}\n")
+    assert OmegaConf.to_container(OmegaConf.load(path)) == dataclasses.asdict(cls.Config())
+
+
+def test_recipe_exposes_every_plugin_option():
+    cfg = _compose("plugins.prune.drop_layers=1", "plugins.qat.activations=per_tensor")
+    assert cfg.plugins.prune.drop_layers == 1 and cfg.plugins.prune.amount == 0.5
+    assert cfg.plugins.qat.activations == "per_tensor" and cfg.plugins.distill.temperature == 3.0
+    assert list(cfg.recipe.stages) == ["teacher", "prune", "qat", "export", "evaluate", "report"]
+
+
+def _installed() -> bool:
+    from dsframe import registry
+
+    return {"prune", "qat", "distill"} <= set(registry.plugins.names()) and \
+        "compress_export" in registry.stages.names()
+
+
+@pytest.mark.skipif(not _installed(), reason="entry points of the compression plugins are not installed")
+def test_cli_bad_amount_is_one_line_and_exit_1(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("recipe=bert_compress", "debug=tiny", "plugins.prune.amount=1.5", f"hydra.run.dir={tmp_path}",
+                   cwd=tmp_path)
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.startswith("dsframe: error:")]
+    assert len(err) == 1 and "plugins.prune.amount=1.5" in err[0] and "[0, 1)" in err[0]
+    assert "Traceback" not in proc.stderr
