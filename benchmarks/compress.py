@@ -91,7 +91,7 @@ def main() -> int:
     import torch
 
     from dsframe.models import load_model
-    from dsframe_compress.int8 import OrtModel, export_int8, quiet_logging, torch_dynamic_int8
+    from dsframe_compress.int8 import OrtModel, export_int8, torch_dynamic_int8
     from dsframe_compress.measure import accuracy, interleaved_latency, ort_runner, size_mb, torch_runner
 
     out = Path(args.out)

@@ -37,12 +37,12 @@ class StrategyFactory:
 
 
 @dataclass
-class DDPConfig:
-    kind: str = "ddp"
+class LaunchConfig:
+    """How the ranks of a multi-process strategy start and talk; shared by ddp and hybrid."""
+
     backend: Optional[str] = None  # null: nccl on GPUs, gloo on CPUs
     start_method: str = "fork"
     timeout_s: int = 1800
-    find_unused_parameters: bool = False
 
     def __post_init__(self):
         if self.backend is not None and self.backend not in BACKENDS:
@@ -51,6 +51,20 @@ class DDPConfig:
             raise ConfigError("strategy.start_method", self.start_method, f"one of {', '.join(START_METHODS)}")
         if self.timeout_s < 1:
             raise ConfigError("strategy.timeout_s", self.timeout_s, "an integer >= 1 (seconds)")
+
+    def resolved_backend(self, accelerator: str) -> str:
+        if self.backend:
+            return self.backend
+        import torch
+
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return "nccl" if gpu else "gloo"
+
+
+@dataclass
+class DDPConfig(LaunchConfig):
+    kind: str = "ddp"
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -66,8 +80,8 @@ class DDP(StrategyFactory):
     def build(self, config: DDPConfig, trainer: Any) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
-        backend = config.backend or ("nccl" if trainer.accelerator in ("gpu", "cuda") else "gloo")
-        return DDPStrategy(start_method=config.start_method, process_group_backend=backend,
+        return DDPStrategy(start_method=config.start_method,
+                           process_group_backend=config.resolved_backend(trainer.accelerator),
                            timeout=timedelta(seconds=config.timeout_s),
                            find_unused_parameters=config.find_unused_parameters)
 

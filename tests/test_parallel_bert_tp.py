@@ -1,5 +1,4 @@
 """The BERT encoder's tensor-parallel plan: 2 forked ranks (gloo) give one process's logits and grads."""
-import os
 from datetime import timedelta
 
 import pytest

@@ -1,5 +1,4 @@
 """Hierarchical all-reduce: equal to a flat all-reduce, as a tensor op and as a DDP comm hook."""
-import os
 from datetime import timedelta
 
 import pytest

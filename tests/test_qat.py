@@ -10,7 +10,7 @@ from torch import nn
 
 from dsframe.errors import ConfigError
 from dsframe_compress import structure as S
-from dsframe_qat import QatConfig, QATPlugin, convert_qat, prepare_qat
+from dsframe_qat import QatConfig, QATPlugin, prepare_qat
 
 from tests._compress_util import batch, ensure_bert_registered, logits, tiny_bert
 

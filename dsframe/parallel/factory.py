@@ -12,14 +12,14 @@ from typing import Any, ClassVar, Optional
 
 from dsframe.errors import ConfigError
 from dsframe.parallel.layout import ParallelDims
-from dsframe.strategies import BACKENDS, START_METHODS, StrategyFactory
+from dsframe.strategies import LaunchConfig, StrategyFactory
 
 DP_MODES = ("allreduce", "fsdp")
 BALANCE = ("flops", "measured", "uniform")
 
 
 @dataclass
-class HybridConfig:
+class HybridConfig(LaunchConfig):
     kind: str = "hybrid"
     dp: int = 1
     tp: int = 1
@@ -31,11 +31,9 @@ class HybridConfig:
     sequence_parallel: bool = False         # shard LayerNorms / residual stream along the sequence (pp=1)
     ranks_per_node: Optional[int] = None    # null: LOCAL_WORLD_SIZE / devices
     balance: str = "flops"                  # pipeline stage costs: flops | measured | uniform
-    backend: Optional[str] = None           # null: nccl on GPUs, gloo on CPUs
-    start_method: str = "fork"
-    timeout_s: int = 1800
 
     def __post_init__(self):
+        super().__post_init__()  # backend, start_method, timeout_s
         self.dims()  # sizes, schedule, micro_batches ≥ pp
         if self.dp_mode not in DP_MODES:
             raise ConfigError("strategy.dp_mode", self.dp_mode, f"one of {', '.join(DP_MODES)}")
@@ -44,12 +42,6 @@ class HybridConfig:
                               "false when pp > 1 (stages pass plain, replicated activations)")
         if self.balance not in BALANCE:
             raise ConfigError("strategy.balance", self.balance, f"one of {', '.join(BALANCE)}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError("strategy.backend", self.backend, f"null or one of {', '.join(BACKENDS)}")
-        if self.start_method not in START_METHODS:
-            raise ConfigError("strategy.start_method", self.start_method, f"one of {', '.join(START_METHODS)}")
-        if self.timeout_s < 1:
-            raise ConfigError("strategy.timeout_s", self.timeout_s, "an integer >= 1 (seconds)")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ConfigError("strategy.ranks_per_node", self.ranks_per_node, "null or an integer >= 1")
 
@@ -109,13 +101,7 @@ class HybridStrategyFactory(StrategyFactory):
     def build(self, config: HybridConfig, trainer: Any = None):
         from dsframe.parallel.strategy import HybridParallelStrategy
 
-        accel = getattr(trainer, "accelerator", "cpu")
-        if config.backend:
-            backend = config.backend
-        else:
-            import torch
-            gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
-            backend = "nccl" if gpu else "gloo"
+        backend = config.resolved_backend(getattr(trainer, "accelerator", "cpu"))
         return HybridParallelStrategy(dp=config.dp, tp=config.tp, pp=config.pp, micro_batches=config.micro_batches,
                                       schedule=config.schedule, dp_mode=config.dp_mode,
                                       hierarchical_allreduce=config.hierarchical_allreduce,

@@ -6,7 +6,6 @@ import contextlib
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
