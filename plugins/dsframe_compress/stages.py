@@ -214,7 +214,7 @@ def report(ctx) -> dict:
 def render_markdown(rep: dict) -> str:
     models = rep["models"]
     keys = list(next(iter(models.values()))["latency_ms"])
-    head = ["model", "runtime", "test acc %", "Δacc (pts)", "size MB", "size ratio",
+    head = ["model", "runtime", "test acc %", "acc drop (pts)", "size MB", "size ratio",
             *[f"ms {k}" for k in keys], *[f"speedup {k}" for k in keys]]
     lines = [f"# {rep['recipe']} report", "",
              f"Baseline: `{rep['baseline']}` (fp32). Latency: median ms at sequence length {rep['seq_len']}, "
