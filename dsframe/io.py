@@ -27,7 +27,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     def _write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+            json.dump(obj, f, indent=2, default=_jsonable)  # keep order: stages run in order
             f.write("\n")
 
     return atomic_write(path, _write)
