@@ -193,3 +193,22 @@ def test_drop_layers_removes_the_least_important_layer_and_reloads(tmp_path):
     torch.testing.assert_close(logits(again, b), out, atol=0, rtol=0)
     with pytest.raises(ConfigError, match="drop_layers"):
         PrunePlugin(PruneConfig(drop_layers=2)).drop_layers(model, [b])
+
+
+@pytest.mark.slow
+def test_prune_in_a_two_rank_stage_keeps_what_the_ranks_pruned(compose, tmp_path):
+    """Ranks are forked: masks grow there; finalize (here) must slice exactly the zeroed heads."""
+    import json
+
+    from dsframe.config import validate
+    from dsframe.runner import Runner
+
+    cfg = compose("recipe=sentiment", "debug=tiny", "trainer.devices=2", "trainer.limit_train_batches=4",
+                  "+recipe.stages.finetune.plugins=[prune]", "+plugins.prune.amount=0.5",
+                  "+plugins.prune.every_n_steps=1", "+plugins.prune.end_fraction=0.5")
+    Runner(validate(cfg), tmp_path).run()
+    model = load_model(tmp_path / "finetune" / "model.pt")
+    assert [S.num_heads(layer) for layer in S.encoder_layers(model)] == [2, 2]
+    assert [S.ffn_width(layer) for layer in S.encoder_layers(model)] == [64, 64]
+    assert all(bool((S.head_scores(layer) > 0).all()) for layer in S.encoder_layers(model))
+    assert json.loads((tmp_path / "finetune" / "prune.json").read_text())["final"]

@@ -113,6 +113,11 @@ class PrunePlugin(Plugin):
     def finalize(self, model: nn.Module) -> nn.Module:
         if not self.layers:
             self.transform(model)
+        # With forked ranks (trainer.devices > 1) the masks grew in the ranks, not here; the
+        # weights that came back carry them: a pruned head or channel is exactly zero.
+        for i, layer in enumerate(self.layers):
+            self.head_masks[i] &= S.head_scores(layer) > 0
+            self.ffn_masks[i] &= S.ffn_scores(layer) > 0
         self.update_masks(self.config.heads, self.config.ffn)
         S.apply_masks(self.layers, self.head_masks, self.ffn_masks)
         S.slice_layers(self.layers, self.head_masks, self.ffn_masks)
