@@ -7,6 +7,7 @@ so a failure never damages what earlier stages left.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -36,8 +37,6 @@ def is_done(stage_dir: Path) -> bool:
     marker = stage_dir / STAGE_FILE
     if not marker.exists():
         return False
-    import json
-
     try:
         return json.loads(marker.read_text()).get("status") == "done"
     except ValueError:
@@ -200,8 +199,6 @@ def _check_checkpoint(path: Path, stage: str) -> None:
 
 
 def _read_metrics(stage_dir: Path) -> dict:
-    import json
-
     path = stage_dir / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
 

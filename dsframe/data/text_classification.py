@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dsframe.data import SplitDataModule
 from dsframe.errors import ConfigError
 
 
@@ -52,12 +52,8 @@ def pad_collate(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return batch
 
 
-class SentenceDataModule(pl.LightningDataModule):
-    """Holds tokenised train/val/test splits; subclasses fill ``self.splits`` in ``setup``.
-
-    ``batch_size`` is a plain attribute read by ``train_dataloader``, so a callback may change
-    it between epochs (with ``reload_dataloaders_every_n_epochs=1``).
-    """
+class SentenceDataModule(SplitDataModule):
+    """Holds tokenised train/val/test splits; subclasses fill ``self.splits`` in ``setup``."""
 
     num_classes: int = 2
 
@@ -80,12 +76,3 @@ class SentenceDataModule(pl.LightningDataModule):
                           num_workers=self.config.num_workers,
                           collate_fn=lambda b: pad_collate(b, self.tokenizer.pad_token_id or 0),
                           persistent_workers=self.config.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val", self.config.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", self.config.eval_batch_size, shuffle=False)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dsframe.data import SplitDataModule
 from dsframe.errors import ConfigError, DsframeError
 
 SOURCES = ("python_docs", "licenses")
@@ -77,7 +77,7 @@ class Windows(Dataset):
         return {"input_ids": w[:-1], "labels": w[1:]}
 
 
-class TextCorpusDataModule(pl.LightningDataModule):
+class TextCorpusDataModule(SplitDataModule):
     description: ClassVar[str] = "byte-level LM windows of offline text (Python's reference docs, Debian licenses, a file)"
     Config: ClassVar[type] = TextCorpusConfig
     vocab_size: ClassVar[int] = 256
@@ -108,12 +108,3 @@ class TextCorpusDataModule(pl.LightningDataModule):
         # drop_last: every batch splits into the pipeline's equal micro-batches
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=True,
                           num_workers=self.config.num_workers)
-
-    def train_dataloader(self):
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val", self.config.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", self.config.eval_batch_size, shuffle=False)
