@@ -25,18 +25,25 @@ class Int8RowEmbedding(nn.Module):
     """An embedding table held as int8 with a per-row scale: weight ≈ q * scale.
 
     With ``keep_ids`` only those rows are stored (vocabulary pruning): a lookup table maps
-    every original token id to its kept row, and ids that were never kept to ``unk_id``'s row,
-    so the model still takes the tokenizer's ids."""
+    every original token id to a kept row, so the model still takes the tokenizer's ids. An id
+    that was not kept reads (``unseen``) the kept row nearest to its own embedding (cosine), or
+    ``unk_id``'s row."""
 
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None,
-                 keep_ids: torch.Tensor | None = None, unk_id: int = 100):
+                 keep_ids: torch.Tensor | None = None, unk_id: int = 100, unseen: str = "nearest"):
         super().__init__()
+        if unseen not in ("nearest", "unk"):
+            raise ValueError(f"unseen={unseen!r}: allowed are 'nearest' and 'unk'")
         w = weight.detach().float()
         vocab = w.shape[0]
         if keep_ids is not None:
             keep = torch.unique(torch.cat([keep_ids.flatten().long(), torch.tensor([unk_id])]))
             keep = keep[(keep >= 0) & (keep < vocab)]
             remap = torch.full((vocab,), int((keep == unk_id).nonzero()[0, 0]), dtype=torch.int32)
+            if unseen == "nearest":
+                dropped = torch.ones(vocab, dtype=torch.bool)
+                dropped[keep] = False
+                remap[dropped] = nearest_rows(w[dropped], w[keep]).to(torch.int32)
             remap[keep] = torch.arange(keep.numel(), dtype=torch.int32)
             self.register_buffer("remap", remap)
             w = w[keep]
@@ -56,6 +63,13 @@ class Int8RowEmbedding(nn.Module):
         if self.remap is not None:
             ids = self.remap[ids].long()
         return self.q[ids].float() * self.scale[ids]
+
+
+def nearest_rows(queries: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Index of the row of ``table`` with the highest cosine similarity to each query row."""
+    t = torch.nn.functional.normalize(table, dim=1)
+    out = [torch.nn.functional.normalize(q, dim=1).matmul(t.T).argmax(dim=1) for q in queries.split(chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 class _Export(nn.Module):
@@ -84,7 +98,7 @@ def eager_attention(model: nn.Module):
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, seq_len: int = 128, opset: int = 17,
                 int8_embeddings: bool = False, keep_token_ids: torch.Tensor | None = None,
-                unk_id: int = 100) -> Path:
+                unk_id: int = 100, unseen: str = "nearest") -> Path:
     """Legacy (TorchScript) ONNX export with dynamic batch and sequence axes; written atomically."""
     import copy
 
@@ -95,7 +109,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, seq_len: int = 128, o
         emb = _word_embeddings(m)
         if emb is not None:
             parent, name, mod = emb
-            setattr(parent, name, Int8RowEmbedding(mod.weight, mod.padding_idx, keep_token_ids, unk_id))
+            setattr(parent, name, Int8RowEmbedding(mod.weight, mod.padding_idx, keep_token_ids, unk_id, unseen))
             for other in ("position_embeddings", "token_type_embeddings"):  # int8 rows too, all kept
                 mod = getattr(parent, other, None)
                 if isinstance(mod, nn.Embedding):
@@ -169,15 +183,16 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, per_chann
 
 def export_int8(model: nn.Module, out_dir: str | os.PathLike, seq_len: int = 128, fuse: bool = True,
                 int8_embeddings: bool = True, keep_token_ids: torch.Tensor | None = None,
-                unk_id: int = 100) -> dict:
+                unk_id: int = 100, unseen: str = "nearest") -> dict:
     """fp32 ONNX (``model.onnx``) and the int8 artifact (``model_int8.onnx``) of ``model``.
 
     ``keep_token_ids`` (with ``int8_embeddings``): vocabulary pruning of the int8 artifact —
-    only those embedding rows are stored; other ids read ``unk_id``'s row."""
+    only those embedding rows are stored; other ids read the nearest kept row (``unseen``
+    "nearest") or ``unk_id``'s row ("unk")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_logging():
-        return _export_int8(model, out_dir, seq_len, fuse, int8_embeddings, keep_token_ids, unk_id)
+        return _export_int8(model, out_dir, seq_len, fuse, int8_embeddings, keep_token_ids, unk_id, unseen)
 
 
 @contextlib.contextmanager
@@ -193,12 +208,13 @@ def quiet_logging():
 
 
 def _export_int8(model, out_dir: Path, seq_len: int, fuse: bool, int8_embeddings: bool,
-                 keep_token_ids, unk_id: int) -> dict:
+                 keep_token_ids, unk_id: int, unseen: str) -> dict:
     fp32 = export_onnx(model, out_dir / "model.onnx", seq_len)
     info: dict = {"onnx": str(fp32)}
     with tempfile.TemporaryDirectory() as td:
         src = export_onnx(model, Path(td) / "e.onnx", seq_len, int8_embeddings=int8_embeddings,
-                          keep_token_ids=keep_token_ids if int8_embeddings else None, unk_id=unk_id)
+                          keep_token_ids=keep_token_ids if int8_embeddings else None, unk_id=unk_id,
+                          unseen=unseen)
         if fuse:
             info["fused_ops"] = optimize_onnx(src, Path(td) / "f.onnx", model)
             src = Path(td) / "f.onnx"

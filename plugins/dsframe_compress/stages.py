@@ -50,7 +50,9 @@ class ExportOptions:
     fuse: bool = True             # onnxruntime BERT fusion (attention, gelu, layer norm)
     int8_embeddings: bool = True  # word embeddings as int8 rows + per-row scale
     vocab: str = "train"          # int8 artifact keeps embedding rows of: train (ids in the
-                                  # training split + special tokens; others read [UNK]) | all
+                                  # training split + special tokens) | all
+    unseen: str = "nearest"       # with vocab=train, a token id whose row was dropped reads the
+                                  # kept row nearest to its embedding (nearest) or [UNK]'s (unk)
 
 
 def export(ctx) -> dict:
@@ -62,13 +64,15 @@ def export(ctx) -> dict:
     opt = _options(ExportOptions, ctx)
     if opt.vocab not in ("train", "all"):
         raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.vocab", opt.vocab, "train or all")
+    if opt.unseen not in ("nearest", "unk"):
+        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.unseen", opt.unseen, "nearest or unk")
     source = opt.source or _previous_fit_stage(ctx)
     model = load_model(ctx.artifact(source)).eval()
     keep, unk = (None, 100)
     if opt.vocab == "train":
         keep, unk = used_token_ids(ctx.datamodule)
     info = export_int8(model, ctx.stage_dir, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
-                       keep_token_ids=keep, unk_id=unk)
+                       keep_token_ids=keep, unk_id=unk, unseen=opt.unseen)
     vocab = _vocab(model)
     x = _test_batch(ctx.datamodule) or dummy_inputs(4, 32, vocab, seed=1)
     with torch.no_grad():
