@@ -59,6 +59,12 @@ def load_datamodule(run_dir: Path):
     return dm
 
 
+def test_labels(loader, limit_batches=None):
+    import torch
+
+    return torch.cat([b["labels"] for i, b in enumerate(loader) if limit_batches is None or i < limit_batches])
+
+
 def row(name, runtime, acc, size_mb, lat, note=""):
     return {"name": name, "runtime": runtime, "acc": acc["acc"], "n": acc["n"], "size_mb": round(size_mb, 3),
             "latency_ms": lat, "note": note}
@@ -69,6 +75,18 @@ def vs(base: dict, other: dict) -> dict:
             **{f"speedup_{k}": round(base["latency_ms"][k] / v, 3) for k, v in other["latency_ms"].items()},
             "acc_teacher": base["acc"], "acc_student": other["acc"],
             "acc_drop": round(base["acc"] - other["acc"], 3)}
+
+
+def paired(a: dict, b: dict, labels) -> dict:
+    """Exact McNemar test of two models on the same examples: how many only one gets right,
+    and the two-sided p-value of that split under "equally accurate"."""
+    import math
+
+    ra, rb = a["preds"] == labels, b["preds"] == labels
+    only_a, only_b = int((ra & ~rb).sum()), int((rb & ~ra).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"only_student_right": only_a, "only_baseline_right": only_b, "p_value": round(p, 4)}
 
 
 def main() -> int:
@@ -138,6 +156,7 @@ def main() -> int:
     res["speedup_vs_ort_int8_b1_t1"] = round(o["latency_ms"]["b1_t1"] / s["latency_ms"]["b1_t1"], 3)
     res["speedup_vs_ort_int8_b8_t2"] = round(o["latency_ms"]["b8_t2"] / s["latency_ms"]["b8_t2"], 3)
     res["acc_vs_ort_int8"] = round(s["acc"] - o["acc"], 3)
+    res["acc_vs_ort_int8_paired"] = paired(acc["student"], acc["baseline_ort_int8"], test_labels(loader, lim))
     res["speedup_vs_bf16_b8_t2"] = round(bf["latency_ms"]["b8_t2"] / s["latency_ms"]["b8_t2"], 3)
     res["rows"] = rows
 
@@ -167,7 +186,10 @@ def main() -> int:
     res["targets"] = {k: {"target": f"{op} {v}", "value": res[k],
                           "met": bool(res[k] >= v if op == ">=" else res[k] <= v if op == "<=" else res[k] > v)}
                       for k, (op, v) in TARGETS.items()}
+    import onnxruntime
+
     res["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                      "onnxruntime": onnxruntime.__version__,
                       "load_avg_1m": os.getloadavg()[0]}
     res["seconds"] = round(time.time() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +258,11 @@ def markdown(res: dict) -> str:
         lines.append(f"| {k} | {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |")
     if "int8_paths" in res:
         lines += ["", "int8 paths (QAT student, 1 thread): " + json.dumps(res["int8_paths"])]
+    if "acc_vs_ort_int8_paired" in res:
+        pr = res["acc_vs_ort_int8_paired"]
+        lines += ["", f"student vs baseline_ort_int8 on the same test sentences: only the student right on "
+                      f"{pr['only_student_right']}, only the baseline on {pr['only_baseline_right']} "
+                      f"(exact McNemar p = {pr['p_value']})"]
     if "bert_base_shape" in res:
         b = res["bert_base_shape"]
         lines += ["", f"BERT-base shape (random init): {b['size_mb_fp32']} MB fp32 → {b['size_mb_int8']} MB int8 "

@@ -171,13 +171,16 @@ def test_vocabulary_pruning_of_the_int8_artifact(tmp_path):
     model = _confident(tiny_bert(vocab=3000, hidden=64, ffn=128))
     keep = torch.arange(0, 1000)  # the "training split" used ids 0..999 only
     full = export_int8(model, tmp_path / "full", seq_len=16)
-    small = export_int8(model, tmp_path / "small", seq_len=16, keep_token_ids=keep, unk_id=100)
+    small = export_int8(model, tmp_path / "small", seq_len=16, keep_token_ids=keep, unk_id=100, unseen="nearest")
     as_unk = export_int8(model, tmp_path / "unk", seq_len=16, keep_token_ids=keep, unk_id=100, unseen="unk")
+    coded = export_int8(model, tmp_path / "pq", seq_len=16, keep_token_ids=keep, unk_id=100)  # unseen="pq"
     assert size_mb(small["onnx_int8"]) < size_mb(full["onnx_int8"]) - 0.9 * 2000 * 64 / 2**20
+    assert size_mb(small["onnx_int8"]) < size_mb(coded["onnx_int8"]) < size_mb(full["onnx_int8"])
     b = batch(n=8, seq=16, vocab=1000, seed=4)  # only kept ids: same function as the full table
-    f, s, u = OrtModel(full["onnx_int8"]), OrtModel(small["onnx_int8"]), OrtModel(as_unk["onnx_int8"])
+    f, s, u, q = (OrtModel(x["onnx_int8"]) for x in (full, small, as_unk, coded))
     m = b["attention_mask"]
-    torch.testing.assert_close(s(b["input_ids"], m), f(b["input_ids"], m), atol=1e-5, rtol=0)
+    for pruned in (s, u, q):
+        torch.testing.assert_close(pruned(b["input_ids"], m), f(b["input_ids"], m), atol=1e-5, rtol=0)
     # a dropped id reads the kept row most similar to its own embedding ...
     emb = model.encoder.embeddings.word_embeddings.weight.detach()
     twin = int(nearest_rows(emb[2500:2501], emb[:1000])[0])
@@ -189,6 +192,27 @@ def test_vocabulary_pruning_of_the_int8_artifact(tmp_path):
     # ... or, with unseen="unk", [UNK]'s row
     torch.testing.assert_close(u(unseen, m), f(read_unk, m), atol=1e-5, rtol=0)
     assert not torch.allclose(f(read_twin, m), f(read_unk, m))
+    # with unseen="pq" (the default) it reads its own product-quantized row (exactness of that
+    # path: the next test; its quality on real embeddings: tests/test_pq.py, docs/compression.md)
+    assert not torch.allclose(q(unseen, m), u(unseen, m)) and not torch.allclose(q(unseen, m), s(unseen, m))
+
+
+def test_product_quantized_rows_export_to_onnx_exactly(tmp_path):
+    import copy
+
+    from dsframe_compress.int8 import Int8RowEmbedding, export_onnx
+
+    model = _confident(tiny_bert(vocab=3000, hidden=64, ffn=128)).eval()
+    keep = torch.arange(0, 1000)
+    path = export_onnx(model, tmp_path / "pq.onnx", seq_len=16, int8_embeddings=True, keep_token_ids=keep,
+                       unk_id=100, unseen="pq")
+    ref = copy.deepcopy(model)
+    emb = ref.encoder.embeddings
+    emb.word_embeddings = Int8RowEmbedding(emb.word_embeddings.weight, 0, keep, 100, "pq")
+    for name in ("position_embeddings", "token_type_embeddings"):
+        setattr(emb, name, Int8RowEmbedding(getattr(emb, name).weight))
+    b = batch(n=4, seq=16, vocab=3000, seed=5)  # ids from the whole vocabulary, mostly coded rows
+    torch.testing.assert_close(OrtModel(path)(b["input_ids"], b["attention_mask"]), logits(ref, b), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["prune", "qat", "distill"])

@@ -71,3 +71,59 @@ def test_corrupt_or_missing_teacher_is_one_clear_error(tmp_path):
 def test_bad_distill_config(kw):
     with pytest.raises(ConfigError, match="plugins.distill"):
         DistillConfig(**kw)
+
+
+def _hidden(model, b) -> tuple:
+    return model.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                         output_hidden_states=True).hidden_states[1:]  # output of each layer
+
+
+def test_hidden_state_term_pairs_each_student_layer_with_the_teacher_layer_it_came_from(tmp_path):
+    import copy
+
+    from dsframe.models import load_model
+    from dsframe_compress import structure as S
+    from dsframe_distill import layer_pairs, masked_mse
+
+    ensure_bert_registered()
+    teacher = tiny_bert(seed=1, layers=4)
+    path = save_model(teacher, tmp_path / "teacher.pt")
+    student = copy.deepcopy(teacher)
+    S.drop_layers(student, [1, 3])
+    assert student.encoder.config.layer_origin == [1, 3]
+    # the origin survives saving, and a second drop composes with the first
+    again = load_model(save_model(student, tmp_path / "student.pt"))
+    assert again.encoder.config.layer_origin == [1, 3]
+    S.drop_layers(again, [1])
+    assert again.encoder.config.layer_origin == [3]
+    assert layer_pairs(student, teacher) == [(0, 1), (1, 3)]
+    assert layer_pairs(tiny_bert(seed=2, layers=2), teacher) == [(0, 1), (1, 3)]  # no origin: same relative depth
+
+    plugin = DistillPlugin(DistillConfig(teacher=str(path), temperature=2.0, alpha=0.6, hidden_weight=0.5))
+    plugin.transform(student)
+    plugin.tap_layers(student)  # what on_fit_start does once every plugin has shaped the student
+    student.train()
+    b = batch(seq=10)
+    out = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    ce = F.cross_entropy(out, b["labels"])
+    got = plugin.loss(None, b, out, ce)
+    with torch.no_grad():
+        hs, ht = _hidden(student, b), _hidden(teacher, b)
+    m = b["attention_mask"].float()
+    by_hand = sum(((hs[i] - ht[j]).pow(2).mean(-1) * m).sum() / m.sum() for i, j in [(0, 1), (1, 3)]) / 2
+    torch.testing.assert_close(masked_mse(hs[0], ht[1], b["attention_mask"]),
+                               ((hs[0] - ht[1]).pow(2).mean(-1) * m).sum() / m.sum())
+    expected = distill_loss(out, logits(teacher, b), ce, 2.0, 0.6) + 0.5 * by_hand
+    torch.testing.assert_close(got, expected)
+    assert float(by_hand) > 0
+    got.backward()
+    assert student.encoder.encoder.layer[0].output.dense.weight.grad is not None
+    taps = plugin.taps
+    plugin.finalize(student)  # hooks removed: forwards no longer record anything
+    logits(student, b)
+    assert plugin.taps is None and all(not tap.outputs and not tap.handles for tap in taps)
+
+
+def test_hidden_weight_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"plugins\.distill\.hidden_weight=-1"):
+        DistillConfig(hidden_weight=-1.0)

@@ -21,34 +21,45 @@ from torch import nn
 INPUTS = ("input_ids", "attention_mask")
 
 
+UNSEEN = ("pq", "nearest", "unk")
+
+
 class Int8RowEmbedding(nn.Module):
     """An embedding table held as int8 with a per-row scale: weight ≈ q * scale.
 
-    With ``keep_ids`` only those rows are stored (vocabulary pruning): a lookup table maps
-    every original token id to a kept row, so the model still takes the tokenizer's ids. An id
-    that was not kept reads (``unseen``) the kept row nearest to its own embedding (cosine), or
-    ``unk_id``'s row."""
+    With ``keep_ids`` only those rows are stored at int8 (vocabulary pruning); a lookup table
+    maps every original token id to its stored row, so the model still takes the tokenizer's
+    ids. The other rows (``unseen``): "pq" stores them product-quantized (96 bytes per
+    384-wide row, dsframe_compress.pq); "nearest" reads the kept row nearest to the row's own
+    embedding (cosine); "unk" reads ``unk_id``'s row."""
 
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None,
-                 keep_ids: torch.Tensor | None = None, unk_id: int = 100, unseen: str = "nearest"):
+                 keep_ids: torch.Tensor | None = None, unk_id: int = 100, unseen: str = "pq"):
         super().__init__()
-        if unseen not in ("nearest", "unk"):
-            raise ValueError(f"unseen={unseen!r}: allowed are 'nearest' and 'unk'")
+        if unseen not in UNSEEN:
+            raise ValueError(f"unseen={unseen!r}: allowed are {', '.join(UNSEEN)}")
         w = weight.detach().float()
         vocab = w.shape[0]
+        for name in ("remap", "codes", "books"):
+            self.register_buffer(name, None)
         if keep_ids is not None:
             keep = torch.unique(torch.cat([keep_ids.flatten().long(), torch.tensor([unk_id])]))
             keep = keep[(keep >= 0) & (keep < vocab)]
+            dropped = torch.ones(vocab, dtype=torch.bool)
+            dropped[keep] = False
             remap = torch.full((vocab,), int((keep == unk_id).nonzero()[0, 0]), dtype=torch.int32)
             if unseen == "nearest":
-                dropped = torch.ones(vocab, dtype=torch.bool)
-                dropped[keep] = False
                 remap[dropped] = nearest_rows(w[dropped], w[keep]).to(torch.int32)
+            elif unseen == "pq" and dropped.any():
+                from dsframe_compress.pq import product_quantize
+
+                codes, books = product_quantize(w[dropped])
+                self.register_buffer("codes", codes)
+                self.register_buffer("books", books)
+                remap[dropped] = keep.numel() + torch.arange(int(dropped.sum()), dtype=torch.int32)
             remap[keep] = torch.arange(keep.numel(), dtype=torch.int32)
-            self.register_buffer("remap", remap)
+            self.register_buffer("remap", remap.to(torch.int16) if vocab <= 2**15 else remap)
             w = w[keep]
-        else:
-            self.remap = None
         scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
         self.register_buffer("q", (w / scale).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
@@ -62,7 +73,15 @@ class Int8RowEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.remap is not None:
             ids = self.remap[ids].long()
-        return self.q[ids].float() * self.scale[ids]
+        if self.codes is None:
+            return self.q[ids].float() * self.scale[ids]
+        from dsframe_compress.pq import reconstruct
+
+        n_kept = self.q.shape[0]
+        kept = ids.clamp(max=n_kept - 1)
+        rows = self.q[kept].float() * self.scale[kept]
+        coded = reconstruct(self.codes[(ids - n_kept).clamp(min=0)], self.books)
+        return torch.where((ids < n_kept).unsqueeze(-1), rows, coded)
 
 
 def nearest_rows(queries: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -98,7 +117,7 @@ def eager_attention(model: nn.Module):
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, seq_len: int = 128, opset: int = 17,
                 int8_embeddings: bool = False, keep_token_ids: torch.Tensor | None = None,
-                unk_id: int = 100, unseen: str = "nearest") -> Path:
+                unk_id: int = 100, unseen: str = "pq") -> Path:
     """Legacy (TorchScript) ONNX export with dynamic batch and sequence axes; written atomically."""
     import copy
 
@@ -183,12 +202,12 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, per_chann
 
 def export_int8(model: nn.Module, out_dir: str | os.PathLike, seq_len: int = 128, fuse: bool = True,
                 int8_embeddings: bool = True, keep_token_ids: torch.Tensor | None = None,
-                unk_id: int = 100, unseen: str = "nearest") -> dict:
+                unk_id: int = 100, unseen: str = "pq") -> dict:
     """fp32 ONNX (``model.onnx``) and the int8 artifact (``model_int8.onnx``) of ``model``.
 
     ``keep_token_ids`` (with ``int8_embeddings``): vocabulary pruning of the int8 artifact —
-    only those embedding rows are stored; other ids read the nearest kept row (``unseen``
-    "nearest") or ``unk_id``'s row ("unk")."""
+    only those embedding rows are stored at int8; the others product-quantized (``unseen`` "pq"),
+    or ids of other tokens read the nearest kept row ("nearest") or ``unk_id``'s row ("unk")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_logging():

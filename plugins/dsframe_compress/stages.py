@@ -51,21 +51,22 @@ class ExportOptions:
     int8_embeddings: bool = True  # word embeddings as int8 rows + per-row scale
     vocab: str = "train"          # int8 artifact keeps embedding rows of: train (ids in the
                                   # training split + special tokens) | all
-    unseen: str = "nearest"       # with vocab=train, a token id whose row was dropped reads the
-                                  # kept row nearest to its embedding (nearest) or [UNK]'s (unk)
+    unseen: str = "pq"            # with vocab=train, rows of the other tokens: product-quantized,
+                                  # 96 bytes per 384-wide row (pq) | dropped, the id reads the
+                                  # kept row nearest its embedding (nearest) or [UNK]'s (unk)
 
 
 def export(ctx) -> dict:
     """Export a stage's model to ONNX and an onnxruntime int8 artifact (fused, per-channel int8)."""
     from dsframe.models import load_model
-    from dsframe_compress.int8 import OrtModel, export_int8
+    from dsframe_compress.int8 import UNSEEN, OrtModel, export_int8
     from dsframe_compress.measure import dummy_inputs, size_mb
 
     opt = _options(ExportOptions, ctx)
     if opt.vocab not in ("train", "all"):
         raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.vocab", opt.vocab, "train or all")
-    if opt.unseen not in ("nearest", "unk"):
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.unseen", opt.unseen, "nearest or unk")
+    if opt.unseen not in UNSEEN:
+        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.unseen", opt.unseen, " | ".join(UNSEEN))
     source = opt.source or _previous_fit_stage(ctx)
     model = load_model(ctx.artifact(source)).eval()
     keep, unk = (None, 100)

@@ -51,10 +51,14 @@ def drop_layers(model: nn.Module, keep: list[int]) -> None:
             if hasattr(m, "layer_idx"):
                 m.layer_idx = i
     setattr(parent, name, new)
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "num_hidden_layers"):
-            cfg.num_hidden_layers = len(keep)
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if c is not None and hasattr(c, "num_hidden_layers")}
+    for cfg in configs.values():
+        # which layer of the unpruned model each kept layer was (saved with the config, so
+        # layer-to-layer distillation can pair a student layer with its teacher layer)
+        origin = getattr(cfg, "layer_origin", None) or list(range(len(layers)))
+        cfg.layer_origin = [origin[i] for i in keep]
+        cfg.num_hidden_layers = len(keep)
 
 
 def layer_taylor(layer: nn.Module) -> float:
