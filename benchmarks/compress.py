@@ -221,6 +221,10 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     amount = float(OmegaConf.select(cfg, "plugins.prune.amount", default=0.5))
+    heads = OmegaConf.select(cfg, "plugins.prune.head_amount", default=None)
+    heads = amount if heads is None else float(heads)
+    ffn = OmegaConf.select(cfg, "plugins.prune.ffn_amount", default=None)
+    ffn = amount if ffn is None else float(ffn)
     dropped = int(OmegaConf.select(cfg, "plugins.prune.drop_layers", default=0) or 0)
     teacher_layers = len(load_model_arch(run_dir / "teacher" / "model.pt")["heads"])
     torch.manual_seed(0)
@@ -235,7 +239,7 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
         torch.save(model.state_dict(), fp32)
         drop = round(12 * dropped / teacher_layers)
         res = {"params": sum(p.numel() for p in model.parameters()), "size_mb_fp32": round(size_mb(fp32), 2),
-               "prune_amount": amount, "layers_dropped": drop}
+               "prune_amount": {"heads": heads, "ffn": ffn}, "layers_dropped": drop}
         import copy
 
         from dsframe_compress.structure import drop_layers
@@ -243,7 +247,7 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
         pruned = copy.deepcopy(model)
         if drop:
             drop_layers(pruned, list(range(12 - drop)))
-        p = PrunePlugin(PruneConfig(amount=amount, taylor_weight=0.0))
+        p = PrunePlugin(PruneConfig(amount=amount, head_amount=heads, ffn_amount=ffn, taylor_weight=0.0))
         p.transform(pruned)
         p.finalize(pruned)
         keep, unk = used_token_ids(dm)
@@ -280,7 +284,8 @@ def markdown(res: dict) -> str:
     if "bert_base_shape" in res:
         b = res["bert_base_shape"]
         lines += ["", f"BERT-base shape (random init, {b.get('layers_dropped', 0)} of 12 layers dropped, "
-                      f"{b['prune_amount']:.0%} of heads and FFN channels pruned): {b['size_mb_fp32']} MB fp32 → "
+                      f"{b['prune_amount']['heads']:.0%} of heads and {b['prune_amount']['ffn']:.0%} of FFN channels pruned): "
+                      f"{b['size_mb_fp32']} MB fp32 → "
                       f"{b['size_mb_int8']} MB int8 ({b['size_ratio']}×), speedup {b['speedup']}"]
     return "\n".join(lines) + "\n"
 

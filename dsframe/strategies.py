@@ -10,6 +10,7 @@ line, which under ``-m`` would re-run the whole sweep in every child.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, Optional
@@ -17,6 +18,15 @@ from typing import Any, ClassVar, Optional
 from dsframe.errors import ConfigError
 
 START_METHODS = ("fork", "spawn", "popen")
+_MASTER_PORT_AT_START = os.environ.get("MASTER_PORT")
+
+
+def forget_previous_job_port() -> None:
+    """Lightning's launcher leaves the port it picked in ``MASTER_PORT``; the next job of a Hydra
+    multirun in the same process would reuse it while the last job's store may still hold it
+    (EADDRINUSE). A port set before dsframe started (torchrun, SLURM, the user) is kept."""
+    if os.environ.get("MASTER_PORT") not in (None, _MASTER_PORT_AT_START):
+        del os.environ["MASTER_PORT"]
 BACKENDS = ("gloo", "nccl")
 
 
@@ -80,6 +90,7 @@ class DDP(StrategyFactory):
     def build(self, config: DDPConfig, trainer: Any) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
+        forget_previous_job_port()
         return DDPStrategy(start_method=config.start_method,
                            process_group_backend=config.resolved_backend(trainer.accelerator),
                            timeout=timedelta(seconds=config.timeout_s),

@@ -1,4 +1,5 @@
 """Entry-point discovery: third-party components load like first-party ones; broken ones are named."""
+import os
 import textwrap
 
 from tests.conftest import run_cli
@@ -86,3 +87,16 @@ def test_outside_package_adds_a_recipe_through_hydra_search_path(tmp_path):
     proc = run_cli("list", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "ext_recipe" in proc.stdout and "a recipe shipped by another package" in proc.stdout
+
+
+def test_a_multirun_job_does_not_inherit_the_previous_jobs_master_port(monkeypatch):
+    import dsframe.strategies as st
+
+    monkeypatch.setattr(st, "_MASTER_PORT_AT_START", None)
+    monkeypatch.setenv("MASTER_PORT", "41537")  # what Lightning's launcher left from the last job
+    st.forget_previous_job_port()
+    assert "MASTER_PORT" not in os.environ
+    monkeypatch.setattr(st, "_MASTER_PORT_AT_START", "29500")  # torchrun / the user set it: kept
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    st.forget_previous_job_port()
+    assert os.environ["MASTER_PORT"] == "29500"

@@ -63,10 +63,15 @@ def latency_grid(make_runner: Callable[[int], Callable[[dict], object]], vocab: 
 
 def interleaved_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]], vocab: int = 30522,
                         batches: Iterable[int] = (1, 8), threads: Iterable[int] = (1, 2), seq: int = 128,
-                        reps: int = 10, warmup: int = 2, max_seconds: float = 60.0) -> dict[str, dict[str, float]]:
-    """Latency medians of several models measured side by side: every repetition runs each model
-    once, in turn, so a change of load on a shared machine hits all of them alike."""
+                        reps: int = 10, warmup: int = 2, max_seconds: float = 60.0,
+                        block: int = 4) -> dict[str, dict[str, float]]:
+    """Latency medians of several models measured side by side, in rounds: each round runs every
+    model in turn, ``block`` timed calls after one untimed call, so a change of load on a shared
+    machine hits all of them alike while each model is timed as a server runs it, back to back.
+    (Alternating single calls timed every model right after another had evicted its weights from
+    the caches: that costs a 10 MB int8 student 20-30 % and an 86 MB fp32 teacher little.)"""
     out: dict[str, dict[str, float]] = {name: {} for name in makers}
+    rounds = max(3, -(-reps // block))
     for t in threads:
         with torch_threads(t):
             runs = {name: make(t) for name, make in makers.items()}
@@ -77,12 +82,14 @@ def interleaved_latency(makers: dict[str, Callable[[int], Callable[[dict], objec
                         run(x)
                 times: dict[str, list[float]] = {name: [] for name in runs}
                 start = time.perf_counter()
-                for i in range(reps):
+                for i in range(rounds):
                     for name, run in runs.items():
-                        t0 = time.perf_counter()
-                        run(x)
-                        times[name].append((time.perf_counter() - t0) * 1e3)
-                    if i >= 2 and time.perf_counter() - start > max_seconds:
+                        run(x)  # back in the caches after the previous model
+                        for _ in range(block):
+                            t0 = time.perf_counter()
+                            run(x)
+                            times[name].append((time.perf_counter() - t0) * 1e3)
+                    if i >= 1 and time.perf_counter() - start > max_seconds:
                         break
                 for name, ts in times.items():
                     out[name][f"b{b}_t{t}"] = round(statistics.median(ts), 3)
