@@ -59,12 +59,6 @@ def load_datamodule(run_dir: Path):
     return dm
 
 
-def test_labels(loader, limit_batches=None):
-    import torch
-
-    return torch.cat([b["labels"] for i, b in enumerate(loader) if limit_batches is None or i < limit_batches])
-
-
 def row(name, runtime, acc, size_mb, lat, note=""):
     return {"name": name, "runtime": runtime, "acc": acc["acc"], "n": acc["n"], "size_mb": round(size_mb, 3),
             "latency_ms": lat, "note": note}
@@ -75,6 +69,12 @@ def vs(base: dict, other: dict) -> dict:
             **{f"speedup_{k}": round(base["latency_ms"][k] / v, 3) for k, v in other["latency_ms"].items()},
             "acc_teacher": base["acc"], "acc_student": other["acc"],
             "acc_drop": round(base["acc"] - other["acc"], 3)}
+
+
+def test_labels(loader, limit_batches=None):
+    import torch
+
+    return torch.cat([b["labels"] for i, b in enumerate(loader) if limit_batches is None or i < limit_batches])
 
 
 def paired(a: dict, b: dict, labels) -> dict:
@@ -199,12 +199,6 @@ def main() -> int:
     return 0
 
 
-def load_model_arch(path: Path) -> dict:
-    from dsframe.models import read_model_file
-
-    return read_model_file(path)["arch"]
-
-
 def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
     """BERT-base shapes with random weights: the recipe's pruning amount (L1 only, no data), the
     same share of layers dropped (the last ones: random weights have no preference) and the same
@@ -213,6 +207,7 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
     from omegaconf import OmegaConf
     from transformers import BertConfig, BertModel
 
+    from dsframe.models import read_model_file
     from dsframe.models.bert import BertClassifier
     from dsframe_compress.int8 import export_int8
     from dsframe_compress.measure import interleaved_latency, ort_runner, size_mb, torch_runner
@@ -220,13 +215,10 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
     from dsframe_prune import PruneConfig, PrunePlugin
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    amount = float(OmegaConf.select(cfg, "plugins.prune.amount", default=0.5))
-    heads = OmegaConf.select(cfg, "plugins.prune.head_amount", default=None)
-    heads = amount if heads is None else float(heads)
-    ffn = OmegaConf.select(cfg, "plugins.prune.ffn_amount", default=None)
-    ffn = amount if ffn is None else float(ffn)
-    dropped = int(OmegaConf.select(cfg, "plugins.prune.drop_layers", default=0) or 0)
-    teacher_layers = len(load_model_arch(run_dir / "teacher" / "model.pt")["heads"])
+    # the run's prune options; layers are dropped below by position (no data to score them)
+    recipe = PruneConfig(**OmegaConf.to_container(OmegaConf.select(cfg, "plugins.prune", default={})))
+    heads, ffn, dropped = recipe.heads, recipe.ffn, recipe.drop_layers
+    teacher_layers = len(read_model_file(run_dir / "teacher" / "model.pt")["arch"]["heads"])
     torch.manual_seed(0)
     hf = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072)
@@ -247,7 +239,7 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
         pruned = copy.deepcopy(model)
         if drop:
             drop_layers(pruned, list(range(12 - drop)))
-        p = PrunePlugin(PruneConfig(amount=amount, head_amount=heads, ffn_amount=ffn, taylor_weight=0.0))
+        p = PrunePlugin(PruneConfig(amount=recipe.amount, head_amount=heads, ffn_amount=ffn, taylor_weight=0.0))
         p.transform(pruned)
         p.finalize(pruned)
         keep, unk = used_token_ids(dm)

@@ -26,6 +26,7 @@ from dsframe.errors import CheckpointError, ConfigError
 from dsframe.io import write_json, write_text
 from dsframe.models import file_size_mb, load_model, save_model
 from dsframe.plugin import StageContext, order_plugins
+from dsframe.strategies import forget_previous_job_port
 from dsframe.task import TASKS
 
 log = logging.getLogger("dsframe")
@@ -120,6 +121,7 @@ class Runner:
         callbacks = [*plugins, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
         if trainer_cfg.enable_progress_bar:
             callbacks.append(RichProgressBar(leave=True))
+        forget_previous_job_port()
         trainer = pl.Trainer(**dataclasses.asdict(trainer_cfg),
                              strategy=factory.build(spec.strategy, trainer_cfg), callbacks=callbacks,
                              logger=CSVLogger(save_dir=ctx.stage_dir, name="logs", version="fit"),

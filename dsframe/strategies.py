@@ -22,9 +22,10 @@ _MASTER_PORT_AT_START = os.environ.get("MASTER_PORT")
 
 
 def forget_previous_job_port() -> None:
-    """Lightning's launcher leaves the port it picked in ``MASTER_PORT``; the next job of a Hydra
-    multirun in the same process would reuse it while the last job's store may still hold it
-    (EADDRINUSE). A port set before dsframe started (torchrun, SLURM, the user) is kept."""
+    """Lightning's launcher leaves the port it picked in ``MASTER_PORT``; the next fit in the same
+    process (the next stage, the next job of a Hydra multirun) would reuse it while the last
+    one's store may still hold it (EADDRINUSE). The runner calls this before building any
+    strategy. A port set before dsframe started (torchrun, SLURM, the user) is kept."""
     if os.environ.get("MASTER_PORT") not in (None, _MASTER_PORT_AT_START):
         del os.environ["MASTER_PORT"]
 BACKENDS = ("gloo", "nccl")
@@ -90,7 +91,6 @@ class DDP(StrategyFactory):
     def build(self, config: DDPConfig, trainer: Any) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
-        forget_previous_job_port()
         return DDPStrategy(start_method=config.start_method,
                            process_group_backend=config.resolved_backend(trainer.accelerator),
                            timeout=timedelta(seconds=config.timeout_s),

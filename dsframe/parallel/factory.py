@@ -100,9 +100,6 @@ class HybridStrategyFactory(StrategyFactory):
 
     def build(self, config: HybridConfig, trainer: Any = None):
         from dsframe.parallel.strategy import HybridParallelStrategy
-        from dsframe.strategies import forget_previous_job_port
-
-        forget_previous_job_port()
         backend = config.resolved_backend(getattr(trainer, "accelerator", "cpu"))
         return HybridParallelStrategy(dp=config.dp, tp=config.tp, pp=config.pp, micro_batches=config.micro_batches,
                                       schedule=config.schedule, dp_mode=config.dp_mode,
