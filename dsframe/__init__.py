@@ -14,6 +14,7 @@ _EXPORTS = {
     "Plugin": "dsframe.plugin", "StageContext": "dsframe.plugin", "NoOptions": "dsframe.plugin",
     "StrategyFactory": "dsframe.strategies",
     "save_model": "dsframe.models", "load_model": "dsframe.models",
+    "batch_size": "dsframe.batch", "call_model": "dsframe.batch", "model_inputs": "dsframe.batch",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -5,7 +5,6 @@ may add to or replace the loss through ``Plugin.loss``.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from dsframe.batch import accepted_inputs, batch_size, model_inputs
 from dsframe.errors import ConfigError
 
 
@@ -42,10 +42,10 @@ class Task(pl.LightningModule):
         self.model = model
         self.plugins = list(plugins)  # not submodules: their state (e.g. a teacher) stays out of checkpoints
         self.optim = optim or OptimConfig()
-        self._inputs = _accepted_inputs(model)
+        self._inputs = accepted_inputs(model)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(**{k: v for k, v in batch.items() if k in self._inputs})
+        return self.model(**model_inputs(batch, self._inputs))
 
     def compute_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Cross-entropy over the last dimension: [B, C] class logits or [B, T, V] token logits."""
@@ -58,7 +58,7 @@ class Task(pl.LightningModule):
             new = plugin.loss(self, batch, logits, loss)
             if new is not None:
                 loss = new
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
         return loss
 
@@ -124,9 +124,9 @@ class LMTask(Task):
 
     def _eval_step(self, batch, prefix):
         loss = self.compute_loss(self(batch), batch)
-        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size(batch))
         self.log(f"{prefix}/ppl", math.exp(min(loss.item(), 50.0)), sync_dist=True,
-                 batch_size=batch["input_ids"].shape[0])
+                 batch_size=batch_size(batch))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -137,9 +137,3 @@ class LMTask(Task):
 
 TASKS = {cls.kind: cls for cls in (ClassificationTask, LMTask)}
 
-
-def _accepted_inputs(model: nn.Module) -> set[str]:
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"input_ids", "attention_mask", "token_type_ids"}
-    return set(params)

@@ -41,6 +41,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 
+from dsframe.batch import batch_size
 from dsframe.parallel.layout import ParallelDims
 from dsframe.parallel.pipeline import StagePlan, build_schedule, plan_stages, stage_ids
 from dsframe.parallel.plans import tp_plan_for
@@ -244,7 +245,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._pp_grads = [p.grad for p in params]  # put aside: Lightning zero_grads before backward
         for p, g in zip(params, kept):
             p.grad = g
-        self.lightning_module.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.lightning_module.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
     def _run_pipeline(self, batch, train: bool) -> torch.Tensor:
@@ -279,7 +280,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         with torch.no_grad(), self.precision_plugin.val_step_context():
             loss = self._run_pipeline(batch, train=False)
         self.lightning_module.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True,
-                                  batch_size=batch["input_ids"].shape[0])
+                                  batch_size=batch_size(batch))
         return loss
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsframe.batch import call_model
 from dsframe.errors import CheckpointError, ConfigError, DsframeError
 from dsframe.plugin import Plugin
 
@@ -163,8 +164,7 @@ class DistillPlugin(Plugin):
             return None
         self.teacher.eval()
         with torch.no_grad():
-            kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            t_logits = self.teacher(**kwargs).float()
+            t_logits = call_model(self.teacher, batch).float()
         total = distill_loss(outputs.float(), t_logits, loss, self.config.temperature, self.config.alpha)
         if self.taps is not None:
             (s_out, t_out), mask = (t.outputs for t in self.taps), batch.get("attention_mask")

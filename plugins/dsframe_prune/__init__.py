@@ -17,6 +17,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from dsframe.batch import call_model
 from dsframe.errors import ConfigError, DsframeError
 from dsframe.plugin import Plugin
 from dsframe_compress import structure as S
@@ -164,7 +165,7 @@ class PrunePlugin(Plugin):
         model.train()
         model.zero_grad(set_to_none=True)
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = call_model(model, batch)
             F.cross_entropy(logits, batch["labels"]).backward()
         scores = [S.layer_taylor(layer) for layer in S.encoder_layers(model)]
         model.zero_grad(set_to_none=True)
