@@ -97,7 +97,7 @@ class Runner:
 
     def build_model(self, ctx: StageContext) -> torch.nn.Module:
         if ctx.stage.init_from:
-            return load_model(ctx.artifact(ctx.stage.init_from))
+            return load_model(ctx.artifact(ctx.stage.init_from), expect_kind=self.spec.model.kind)
         return registry.models.get(self.spec.model.kind, key="model.kind").build(self.spec.model)
 
     def fit_stage(self, ctx: StageContext) -> dict:
@@ -129,7 +129,7 @@ class Runner:
         task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
         resume = ckpt_dir / "last.ckpt"
         if resume.exists():
-            _check_checkpoint(resume, name)
+            _check_checkpoint(resume, name, task)
             log.info("stage %s: resuming from %s", name, resume)
         trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
         metrics = {"fit": _scalars(trainer.callback_metrics)}
@@ -187,17 +187,45 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _check_checkpoint(path: Path, stage: str) -> None:
-    """Read the checkpoint once (weights only) so a damaged file is named, not a stack trace."""
+def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> None:
+    """Read the checkpoint's tensor shapes once (weights only) so a damaged file, or one written by
+    a differently shaped model, is named in one line instead of a stack trace. A folder is a
+    distributed (DCP) checkpoint of a parallel run; only its metadata is read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ValueError("no state_dict inside")
+        shapes = _dcp_shapes(path) if path.is_dir() else _file_shapes(path)
     except Exception as exc:  # any unreadable file ends the same way
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot resume stage '{stage}' from {path}: the file is damaged or not a "
                               f"Lightning checkpoint ({reason}). Delete it to restart the stage; "
                               "earlier stages are kept.") from None
+    expected = {k: tuple(v.shape) for k, v in task.state_dict().items()}
+    differ = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    missing = [k for k in expected if k not in shapes]
+    if differ or missing:
+        what = (f"{differ[0]} is {list(shapes[differ[0]])} there but {list(expected[differ[0]])} in this stage's model"
+                if differ else f"{len(missing)} of the model's {len(expected)} tensors are not in it (e.g. {missing[0]})")
+        raise CheckpointError(f"cannot resume stage '{stage}' from {path}: it was written by a differently "
+                              f"shaped model ({what}). Delete it to restart the stage; earlier stages are kept.")
+
+
+def _file_shapes(path: Path) -> dict[str, tuple]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError("no state_dict inside")
+    return {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+
+
+def _dcp_shapes(path: Path) -> dict[str, tuple]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dsframe.parallel.checkpoint import META, is_distributed_checkpoint
+
+    if not is_distributed_checkpoint(path):
+        raise ValueError("a folder without the .metadata of a distributed checkpoint")
+    torch.load(path / META, map_location="cpu", weights_only=True)  # Lightning's loop state must read too
+    prefix = "state_dict."
+    return {k[len(prefix):]: tuple(m.size) for k, m in FileSystemReader(str(path)).read_metadata()
+            .state_dict_metadata.items() if k.startswith(prefix) and hasattr(m, "size")}
 
 
 def _read_metrics(stage_dir: Path) -> dict:

@@ -50,6 +50,9 @@ class TrainerConfig:
             raise ConfigError("trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
             _check_fraction_or_count(f"trainer.{key}", getattr(self, key))
+        if self.val_check_interval == 0:  # Lightning divides by it
+            raise ConfigError("trainer.val_check_interval", self.val_check_interval,
+                              "a fraction in (0.0, 1.0] of an epoch or a whole number of batches >= 1")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ConfigError("trainer.gradient_clip_val", self.gradient_clip_val, "null or a float > 0")
         if self.num_sanity_val_steps < -1 or self.reload_dataloaders_every_n_epochs < 0:
@@ -150,7 +153,7 @@ def validate(cfg: DictConfig) -> RunSpec:
                    data=component_config(registry.data, cfg.get("data"), "data"),
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
-                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=cfg.get("threads"))
+                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg))
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
@@ -165,9 +168,14 @@ def validate(cfg: DictConfig) -> RunSpec:
         spec.stage_trainer(name)
         spec.stage_optim(name)
         seen.append(name)
-    if spec.threads is not None and spec.threads < 1:
-        raise ConfigError("threads", spec.threads, "null (torch's default) or an integer >= 1")
     return spec
+
+
+def _threads(cfg: DictConfig) -> Optional[int]:
+    value = cfg.get("threads")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError("threads", value, "null (torch's default) or an integer >= 1")
+    return value
 
 
 def _int(cfg: DictConfig, key: str, default: int) -> int:

@@ -83,8 +83,13 @@ def read_ratings(path: str | Path) -> tuple[list[str], list[int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("data.path", str(path), "an existing movieReviewSnippets_GroundTruth.txt file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DsframeError(f"{path}: not a UTF-8 text file (byte {exc.start}): expected "
+                           "'id<TAB>rating<TAB>sentence' lines") from None
     texts, labels = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split("\t", 2)
@@ -96,6 +101,9 @@ def read_ratings(path: str | Path) -> tuple[list[str], list[int]]:
         if score != 0.0:
             texts.append(text)
             labels.append(int(score > 0))
+    if len(set(labels)) < 2:
+        raise DsframeError(f"{path}: holds {len(labels)} rated sentences of {len(set(labels))} class(es); "
+                           "expected 'id<TAB>rating<TAB>sentence' lines with positive and negative ratings")
     return texts, labels
 
 
