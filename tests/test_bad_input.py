@@ -108,3 +108,14 @@ def test_init_from_another_architecture_is_named(compose, tmp_path):
     (tmp_path / "finetune" / "stage.json").write_text('{"status": "done"}')
     with pytest.raises(CheckpointError, match="holds a 'gpt' model, expected 'bert'"):
         Runner(validate(cfg), tmp_path).run()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+model.hf_config.num_attention_heads=5", "model.hf_config.num_attention_heads"),
+    ("+model.hf_config.hidden_size=100", "model.hf_config.hidden_size"),
+    ("+model.hf_config.num_hidden_layers=0", "model.hf_config.num_hidden_layers"),
+])
+def test_model_shape_is_checked_before_building(compose, override, key):
+    with pytest.raises(ConfigError) as info:
+        validate(compose("recipe=sentiment", override))
+    assert info.value.key == key

@@ -41,6 +41,39 @@ class BertConfig:
         if self.attn_implementation not in ATTENTIONS:
             raise ConfigError("model.attn_implementation", self.attn_implementation,
                               f"one of {', '.join(ATTENTIONS)}")
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """hidden_size must split evenly into heads; checked at config time (transformers would only
+        say so when the model is built) from the local config.json, when there is one."""
+        base = _local_hf_config(self.name_or_path)
+        hidden = self.hf_config.get("hidden_size", base.get("hidden_size"))
+        heads = self.hf_config.get("num_attention_heads", base.get("num_attention_heads"))
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+            value = self.hf_config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model.hf_config.{key}", value, "an integer >= 1")
+        if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+            key = "num_attention_heads" if "num_attention_heads" in self.hf_config else "hidden_size"
+            raise ConfigError(f"model.hf_config.{key}", self.hf_config.get(key, hidden if key == "hidden_size" else heads),
+                              f"hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}): "
+                              f"e.g. num_attention_heads in {', '.join(str(d) for d in _divisors(hidden))}")
+
+
+def _local_hf_config(name_or_path: str) -> dict:
+    import json
+    import os
+
+    try:
+        path = os.path.join(hub.resolve(name_or_path), "config.json")
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError, ConfigError):
+        return {}  # a hub id or a missing package: transformers checks it when the model is built
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 
 
 class BertClassifier(nn.Module):
@@ -72,7 +105,10 @@ class BertClassifier(nn.Module):
             encoder = hub.load_hf_model(BertModel, config.name_or_path, config=hf_config, **kwargs)
         else:
             hf_config._attn_implementation = config.attn_implementation
-            encoder = BertModel(hf_config, add_pooling_layer=False)
+            try:
+                encoder = BertModel(hf_config, add_pooling_layer=False)
+            except ValueError as exc:  # shapes transformers rejects
+                raise ConfigError("model.hf_config", dict(config.hf_config), str(exc).splitlines()[0]) from None
         if getattr(encoder.config, "model_type", "bert") != "bert":
             raise ConfigError("model.name_or_path", config.name_or_path,
                               f"a BERT-family model; this one is '{encoder.config.model_type}'")
