@@ -57,15 +57,38 @@ def run(cfg: DictConfig) -> float | None:
 
     _quiet_lightning()
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         spec = validate(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except DsframeError as exc:
+        _forget_empty_run_dir(run_dir)
+        _fail(exc)
+        return None
+    try:
         log.info("run directory: %s", run_dir)
         results = Runner(spec, run_dir).run()
     except DsframeError as exc:
         _fail(exc)
         return None
     return _objective(results)
+
+
+def _forget_empty_run_dir(run_dir: Path) -> None:
+    """A run stopped by its config leaves no directory behind, unless it held earlier results:
+    Hydra made it (config record and log) before dsframe could check anything."""
+    import shutil
+
+    if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    logging.shutdown()  # Hydra's file handler holds the log open
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent.name in ("outputs", "multirun") or parent.parent.name in ("outputs", "multirun"):
+        try:
+            parent.rmdir()  # only while empty: another run's results are never touched
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def _objective(results: dict) -> float | None:

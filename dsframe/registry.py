@@ -59,6 +59,8 @@ class Registry:
     def get(self, name: str, key: str | None = None) -> Any:
         """The component called ``name``; ``key`` is the config key to blame if it is unknown."""
         available = self._load()
+        if not isinstance(name, str):
+            raise ConfigError(key or self.kind, name, f"a name: one of {', '.join(sorted(available)) or '(none installed)'}")
         if name in available:
             return available[name]
         key = key or self.kind

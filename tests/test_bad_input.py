@@ -119,3 +119,19 @@ def test_model_shape_is_checked_before_building(compose, override, key):
     with pytest.raises(ConfigError) as info:
         validate(compose("recipe=sentiment", override))
     assert info.value.key == key
+
+
+@pytest.mark.slow
+def test_cli_config_error_leaves_no_run_directory(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("recipe=sentiment", "threads=abc", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["dsframe: error: threads='abc' is not allowed: "
+                                                "null (torch's default) or an integer >= 1"]
+    assert not (tmp_path / "outputs").exists()
+    # a rerun into an existing run directory keeps it, whatever the error
+    run_dir = tmp_path / "earlier"
+    (run_dir / "finetune").mkdir(parents=True)
+    proc = run_cli("recipe=sentiment", "threads=abc", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 1 and (run_dir / "finetune").is_dir()
