@@ -61,16 +61,30 @@ def run(cfg: DictConfig) -> float | None:
     try:
         spec = validate(cfg)
     except DsframeError as exc:
-        _forget_empty_run_dir(run_dir)
-        _fail(exc)
-        return None
+        return _job_failed(exc, run_dir, started=False)
     try:
         log.info("run directory: %s", run_dir)
         results = Runner(spec, run_dir).run()
     except DsframeError as exc:
-        _fail(exc)
-        return None
+        return _job_failed(exc, run_dir, started=True)
     return _objective(results)
+
+
+def _job_failed(exc: DsframeError, run_dir: Path, started: bool) -> None:
+    """A single run ends with one line and exit 1. A sweep job is recorded as failed and the sweep
+    goes on: its summary shows the row, and the sweep exits 1 at the end."""
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from dsframe.sweep import record_failure
+
+        log.error("job failed: %s", exc)
+        record_failure(run_dir, exc)
+        return None
+    if not started:
+        _forget_empty_run_dir(run_dir)
+    _fail(exc)
+    return None
 
 
 def _forget_empty_run_dir(run_dir: Path) -> None:
@@ -101,8 +115,25 @@ def _objective(results: dict) -> float | None:
     return None
 
 
+def _summarize(args: list[str]) -> None:
+    """``python -m dsframe summarize SWEEP_DIR``: rebuild a sweep's summary.csv/md/png."""
+    from dsframe.sweep import summarize
+
+    if len(args) != 1:
+        print("usage: python -m dsframe summarize SWEEP_DIR", file=sys.stderr)
+        sys.exit(2)
+    try:
+        result = summarize(args[0])
+    except DsframeError as exc:
+        _fail(exc)
+    print(f"{result['summary']}: {result['jobs']} jobs, {result['failed']} failed, {result['incomplete']} incomplete")
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] == "summarize":
+        _summarize(args[1:])
+        return
     if args and args[0] in ("list", "--list"):
         from dsframe.catalog import print_catalog
 

@@ -87,12 +87,34 @@ class RecipeConfig:
     description: str = ""
     task: str = "classification"
     stages: Dict[str, StageConfig] = field(default_factory=dict)
+    # what a sweep's summary shows: {figures: [metric keys], fronts: [{x, y, x_goal, y_goal}]}
+    summary: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ConfigError("recipe.task", self.task, f"one of {', '.join(TASKS)}")
+        _check_summary(self.summary)
         if not self.stages:
             raise ConfigError("recipe.stages", {}, "at least one stage")
+
+
+def _check_summary(summary: Dict[str, Any]) -> None:
+    for key in summary:
+        if key not in ("figures", "fronts"):
+            raise ConfigError(f"recipe.summary.{key}", summary[key], "a key of 'recipe.summary': figures, fronts")
+    figures = summary.get("figures") or []
+    if not isinstance(figures, list) or not all(isinstance(f, str) for f in figures):
+        raise ConfigError("recipe.summary.figures", figures, "a list of metric names (e.g. report.final_acc)")
+    fronts = summary.get("fronts") or []
+    if not isinstance(fronts, list):
+        raise ConfigError("recipe.summary.fronts", fronts, "a list of {x, y, x_goal, y_goal}")
+    for i, front in enumerate(fronts):
+        where = f"recipe.summary.fronts.{i}"
+        if not isinstance(front, dict) or not {"x", "y"} <= set(front) or set(front) - {"x", "y", "x_goal", "y_goal"}:
+            raise ConfigError(where, front, "a mapping with x, y (metric names) and optional x_goal, y_goal")
+        for goal in ("x_goal", "y_goal"):
+            if front.get(goal, "max") not in ("max", "min"):
+                raise ConfigError(f"{where}.{goal}", front[goal], "max or min")
 
 
 @dataclass
