@@ -140,7 +140,11 @@ def main() -> None:
         print_catalog()
         return
     if "--help" not in args and "-h" not in args:
-        from dsframe.precheck import unknown_key_message
+        from dsframe.precheck import expand_args, unknown_key_message
+
+        expanded = expand_args(args)
+        if expanded != args:
+            sys.argv[1:] = args = expanded
 
         message = unknown_key_message(args)
         if message:
