@@ -27,7 +27,10 @@ def print_catalog() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    # piped into grep or a file: one line per entry instead of wrapping at 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=240)
     sections = [("recipes", recipes())] + [(kind, reg.describe()) for kind, reg in registry.ALL.items()]
     for kind, rows in sections:
         table = Table(title=kind, title_justify="left", show_header=False, box=None, pad_edge=False)
