@@ -226,8 +226,11 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
     base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model=MODEL, lr=0.1)
+    from dsframe.machine import machine_info
+
     results = {"model": MODEL, "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "steps": args.steps,
-               "measured_steps": args.steps - 1, "torch": torch.__version__, "backend": "gloo", "layouts": {}}
+               "measured_steps": args.steps - 1, "torch": torch.__version__, "backend": "gloo",
+               "machine": machine_info(), "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[])
@@ -267,13 +270,18 @@ def main(argv=None):
                      if p > 1 else "") + f"wall {wall:.1f}s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def markdown(results: dict) -> str:
-    lines = ["| layout | ranks | max_abs_diff | bubble measured / theory | imbalance | "
+    m = results.get("machine", {})
+    lines = [f"Machine: {m.get('cpu_model', '?')} ({m.get('arch', '?')}, {m.get('cpus', '?')} CPUs; "
+             f"{' '.join(m.get('cpu_flags', []))}), torch {m.get('torch', '?')}, load average "
+             f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after.", "",
+             "| layout | ranks | max_abs_diff | bubble measured / theory | imbalance | "
              "comm bytes/step rank 0 (measured / analytic) | params on rank 0 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():

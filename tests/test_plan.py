@@ -44,9 +44,20 @@ def test_memory_drives_pipeline_depth():
     assert not smaller.fits
 
 
-def test_bubble_matches_formula():
-    lay = evaluate(Cluster(gpus=256), Workload(params=30e9), 16, 8, 2)
-    assert lay.bubble == pytest.approx((2 - 1) / (lay.micro_batches + 2 - 1))
+def _gpipe_idle_share(stages: int, micro_batches: int) -> float:
+    """Idle share of a GPipe forward pass, counted on its timeline: at tick t stage s works on
+    micro-batch t - s if there is one."""
+    ticks = micro_batches + stages - 1
+    busy = sum(1 for t in range(ticks) for s in range(stages) if 0 <= t - s < micro_batches)
+    return 1 - busy / (ticks * stages)
+
+
+@pytest.mark.parametrize("mbs,pp,m,bubble", [(1, 2, 64, 1 / 65), (4, 4, 16, 3 / 19), (8, 8, 8, 7 / 15)])
+def test_bubble_is_the_idle_share_of_the_schedule(mbs, pp, m, bubble):
+    # 1024 sequences per step over dp=16 replicas in micro-batches of `mbs`: m = 1024 / (16 · mbs)
+    lay = evaluate(Cluster(gpus=256), Workload(params=30e9, micro_batch_size=mbs), 16, 4, pp)
+    assert lay.micro_batches == m
+    assert lay.bubble == pytest.approx(bubble) == pytest.approx(_gpipe_idle_share(pp, m))
 
 
 def test_too_small_cluster_is_a_config_error():

@@ -33,18 +33,20 @@ def test_prepare_swaps_linear_and_embedding_modules():
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.1)  # ... a little
 
 
-def test_convert_bakes_weights_onto_the_int8_grid():
+@pytest.mark.parametrize("scheme,qmax", [("w8", 127), ("w7", 64)])
+def test_convert_bakes_weights_onto_the_int8_grid(scheme, qmax):
     model = tiny_bert()
-    plugin = QATPlugin(QatConfig())
+    plugin = QATPlugin(QatConfig(scheme=scheme))
     plugin.transform(model)
     fq_out = logits(model, batch())
     plugin.finalize(model)
     assert not any("FakeQuantized" in type(m).__name__ for m in model.modules())
     w = model.encoder.encoder.layer[1].intermediate.dense.weight.detach()
-    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = w.abs().amax(dim=1, keepdim=True) / qmax
     q = w / scale
     torch.testing.assert_close(q, q.round(), atol=1e-3, rtol=0)
-    assert int(q.round().unique().numel()) > 50  # really int8-valued, not collapsed
+    assert int(q.round().unique().numel()) > 50  # really integer-valued, not collapsed
+    assert int(q.round().abs().max()) == qmax
     e = model.encoder.embeddings.word_embeddings.weight.detach()
     qe = e / (e.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)  # row 0 = padding, all 0
     torch.testing.assert_close(qe, qe.round(), atol=1e-3, rtol=0)

@@ -2,7 +2,9 @@
 torch dynamic-int8 path, plus a wrapper that makes an ONNX session look like a model.
 
 The fastest CPU path measured here is onnxruntime (fused BERT attention, MatMulInteger with
-per-channel symmetric int8 weights). Word embeddings are stored as an int8 table with one
+per-channel symmetric int8 weights; 7-bit weights — scheme ``w7`` — where its u8s8 kernels would
+saturate, see ``dsframe_qat.scheme``). The int8 file records its scheme and the machine it was
+built on in its ONNX metadata; ``OrtModel`` warns once when it would saturate on this CPU. Word embeddings are stored as an int8 table with one
 fp32 scale per row (``Int8RowEmbedding``) — the per-row grid QAT trained on — instead of
 onnxruntime's per-tensor Gather quantization.
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 INPUTS = ("input_ids", "attention_mask")
+META_PREFIX = "dsframe."
 
 
 UNSEEN = ("pq", "nearest", "unk")
@@ -60,7 +63,9 @@ class Int8RowEmbedding(nn.Module):
             remap[keep] = torch.arange(keep.numel(), dtype=torch.int32)
             self.register_buffer("remap", remap.to(torch.int16) if vocab <= 2**15 else remap)
             w = w[keep]
-        scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+        from dsframe_qat.scheme import row_scales
+
+        scale = row_scales(w, 127)  # the grid QAT trained the rows on
         self.register_buffer("q", (w / scale).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
         self.padding_idx = padding_idx
@@ -146,6 +151,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, seq_len: int = 128, o
     return path
 
 
+def export_fp32_fused(model: nn.Module, path: str | os.PathLike, seq_len: int = 128) -> Path:
+    """The fp32 model as onnxruntime runs it after the same BERT fusion as the int8 export: the
+    row that tells the runtime's gain from the compression's."""
+    path = Path(path)
+    with quiet_logging(), tempfile.TemporaryDirectory() as td:
+        src = export_onnx(model, Path(td) / "e.onnx", seq_len)
+        optimize_onnx(src, path, model)
+    return path
+
+
 def _word_embeddings(model: nn.Module):
     for parent in model.modules():
         if hasattr(parent, "word_embeddings") and isinstance(parent.word_embeddings, nn.Embedding):
@@ -183,27 +198,67 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Modu
 
 
 def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, per_channel: bool = True,
-                       embeddings_by_ort: bool = True) -> Path:
-    """onnxruntime dynamic quantization: int8 weights (per channel, symmetric), uint8 activations
-    quantized per call. ``embeddings_by_ort``: also quantize Gather tables (per tensor)."""
+                       embeddings_by_ort: bool = True, scheme: str = "auto") -> Path:
+    """onnxruntime dynamic quantization: int8 weights (per channel, symmetric; 7-bit with scheme
+    ``w7``), uint8 activations quantized per call. ``embeddings_by_ort``: also quantize Gather
+    tables (per tensor). The scheme and this machine are written into the file's metadata."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from dsframe_qat.scheme import resolve_scheme
+
+    scheme = resolve_scheme(scheme).name
     ops = ["MatMul", "Attention", "Gemm"] + (["Gather", "EmbedLayerNormalization"] if embeddings_by_ort else [])
     tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=ops,
+                         op_types_to_quantize=ops, reduce_range=scheme == "w7",
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    m = onnx.load(str(tmp))
+    set_metadata(m, scheme_metadata(scheme))
+    onnx.save(m, str(tmp))
     os.replace(tmp, dst)
     return Path(dst)
 
 
+def scheme_metadata(scheme: str) -> dict[str, str]:
+    """What an int8 file says about itself: its weight grid and the machine it was built on."""
+    from dsframe.machine import cpu_model, machine_info
+    from dsframe_qat.scheme import SCHEMES
+
+    s = SCHEMES[scheme]
+    return {"int8_scheme": s.name, "weight_qmax": str(s.qmax), "reduce_range": str(s.reduce_range).lower(),
+            "scheme_note": s.description, "built_on_cpu": cpu_model(),
+            "built_on_flags": " ".join(machine_info()["cpu_flags"])}
+
+
+def set_metadata(model, values: dict[str, str]) -> None:
+    props = {p.key: p for p in model.metadata_props}
+    for k, v in values.items():
+        key = META_PREFIX + k
+        if key in props:
+            props[key].value = v
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, v
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """dsframe's entries of an ONNX file's metadata_props (prefix stripped)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(META_PREFIX):]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}
+
+
 def export_int8(model: nn.Module, out_dir: str | os.PathLike, seq_len: int = 128, fuse: bool = True,
                 int8_embeddings: bool = True, keep_token_ids: torch.Tensor | None = None,
-                unk_id: int = 100, unseen: str = "pq") -> dict:
+                unk_id: int = 100, unseen: str = "pq", scheme: str = "auto") -> dict:
     """fp32 ONNX (``model.onnx``) and the int8 artifact (``model_int8.onnx``) of ``model``.
+
+    ``scheme``: the int8 weight grid (``w8`` | ``w7`` | ``auto`` = this machine's, see
+    ``dsframe_qat.scheme``); a QAT model must be exported with the scheme it trained on.
 
     ``keep_token_ids`` (with ``int8_embeddings``): vocabulary pruning of the int8 artifact —
     only those embedding rows are stored at int8; the others product-quantized (``unseen`` "pq"),
@@ -211,7 +266,10 @@ def export_int8(model: nn.Module, out_dir: str | os.PathLike, seq_len: int = 128
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_logging():
-        return _export_int8(model, out_dir, seq_len, fuse, int8_embeddings, keep_token_ids, unk_id, unseen)
+        from dsframe_qat.scheme import resolve_scheme
+
+        return _export_int8(model, out_dir, seq_len, fuse, int8_embeddings, keep_token_ids, unk_id, unseen,
+                            resolve_scheme(scheme).name)
 
 
 @contextlib.contextmanager
@@ -227,7 +285,7 @@ def quiet_logging():
 
 
 def _export_int8(model, out_dir: Path, seq_len: int, fuse: bool, int8_embeddings: bool,
-                 keep_token_ids, unk_id: int, unseen: str) -> dict:
+                 keep_token_ids, unk_id: int, unseen: str, scheme: str) -> dict:
     fp32 = export_onnx(model, out_dir / "model.onnx", seq_len)
     info: dict = {"onnx": str(fp32)}
     with tempfile.TemporaryDirectory() as td:
@@ -237,8 +295,10 @@ def _export_int8(model, out_dir: Path, seq_len: int, fuse: bool, int8_embeddings
         if fuse:
             info["fused_ops"] = optimize_onnx(src, Path(td) / "f.onnx", model)
             src = Path(td) / "f.onnx"
-        int8 = quantize_onnx_int8(src, out_dir / "model_int8.onnx", embeddings_by_ort=not int8_embeddings)
+        int8 = quantize_onnx_int8(src, out_dir / "model_int8.onnx", embeddings_by_ort=not int8_embeddings,
+                                  scheme=scheme)
     info["onnx_int8"] = str(int8)
+    info["scheme"] = scheme
     return info
 
 
@@ -256,6 +316,12 @@ class OrtModel:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+        from dsframe_qat.scheme import warn_if_saturates
+
+        warn_if_saturates(self.metadata.get("int8_scheme"), f"{self.path.name} (built on "
+                          f"{self.metadata.get('built_on_cpu', '?')})")
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         if attention_mask is None:

@@ -1,5 +1,6 @@
-"""Measurements shared by the compression stages and benchmarks/compress.py: test accuracy,
-file size, and latency medians at fixed (batch, sequence length, threads)."""
+"""Measurements shared by the compression stages and benchmarks/compress.py: accuracy, the
+exact McNemar test of two models on the same examples, file size, and latency — medians over
+repetitions of a whole side-by-side measurement, at a fixed shape or over real sentences."""
 from __future__ import annotations
 
 import contextlib
@@ -32,68 +33,85 @@ def dummy_inputs(batch: int, seq: int, vocab: int = 30522, seed: int = 0) -> dic
     return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 10, max_seconds: float = 20.0) -> float:
-    """Median wall time of ``fn()`` in milliseconds (stops early past ``max_seconds``, ≥ 3 reps)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    for i in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-        if i >= 2 and time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(times)
+def fixed_workload(batch: int, seq: int, vocab: int = 30522, calls: int = 4) -> list[dict]:
+    """``calls`` identical random batches of ``batch`` × ``seq`` tokens."""
+    x = dummy_inputs(batch, seq, vocab)
+    return [x] * calls
 
 
-def latency_grid(make_runner: Callable[[int], Callable[[dict], object]], vocab: int = 30522,
-                 batches: Iterable[int] = (1, 8), threads: Iterable[int] = (1, 2), seq: int = 128,
-                 reps: int = 10, warmup: int = 2) -> dict[str, float]:
-    """``{"b1_t1": ms, ...}``: ``make_runner(threads)`` returns ``run(inputs)`` for that thread count."""
-    out = {}
-    for t in threads:
-        with torch_threads(t):
-            run = make_runner(t)
-            for b in batches:
-                x = dummy_inputs(b, seq, vocab)
-                out[f"b{b}_t{t}"] = round(median_ms(lambda: run(x), warmup, reps), 3)
+def sentence_workload(input_ids: list[list[int]], batch: int, sentences: int | None = 128,
+                      pad_id: int = 0) -> list[dict]:
+    """Batches of real sentences (token id lists), each padded to its longest sentence as a
+    server batching requests would: the data's own length distribution. ``sentences``: that many,
+    spread evenly over the list (all with None)."""
+    n = len(input_ids)
+    idx = range(n) if sentences is None or sentences >= n else [round(i * n / sentences) for i in range(sentences)]
+    rows = [input_ids[i] for i in idx]
+    out = []
+    for k in range(0, len(rows), batch):
+        chunk = rows[k:k + batch]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            ids[j, :len(r)] = torch.tensor(r)
+            mask[j, :len(r)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
 
-def interleaved_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]], vocab: int = 30522,
-                        batches: Iterable[int] = (1, 8), threads: Iterable[int] = (1, 2), seq: int = 128,
-                        reps: int = 10, warmup: int = 2, max_seconds: float = 60.0,
-                        block: int = 4) -> dict[str, dict[str, float]]:
-    """Latency medians of several models measured side by side, in rounds: each round runs every
-    model in turn, ``block`` timed calls after one untimed call, so a change of load on a shared
-    machine hits all of them alike while each model is timed as a server runs it, back to back.
-    (Alternating single calls timed every model right after another had evicted its weights from
-    the caches: measured, about 20 % slower for a 10 MB int8 student, 10 % for an 86 MB teacher.)"""
-    out: dict[str, dict[str, float]] = {name: {} for name in makers}
-    rounds = max(3, -(-reps // block))
+def measure_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]],
+                    workloads: dict[str, list[dict]], threads: Iterable[int] = (1,), repeats: int = 3,
+                    warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, dict]]:
+    """Latency of several models side by side, the whole measurement repeated ``repeats`` times.
+
+    One measurement, per thread count and workload: every model in turn runs ``warmup`` untimed
+    calls (its weights back in the caches after the previous model), then the workload's calls
+    back to back, as a server runs them; its figure is the mean ms per call. Models alternate
+    inside each repetition, so a change of load on a shared machine hits all alike. Returns
+    ``{model: {"<workload>_t<threads>": {"median_ms", "min_ms", "max_ms", "runs_ms"}}}`` over the
+    repetitions. Only the model calls are timed: ``make(threads)`` (building a session) and the
+    inputs are prepared outside."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: at least 1")
+    runs_ms: dict[str, dict[str, list[float]]] = {name: {} for name in makers}
     for t in threads:
         with torch_threads(t):
             runs = {name: make(t) for name, make in makers.items()}
-            for b in batches:
-                x = dummy_inputs(b, seq, vocab)
-                for run in runs.values():
-                    for _ in range(warmup):
-                        run(x)
-                times: dict[str, list[float]] = {name: [] for name in runs}
-                start = time.perf_counter()
-                for i in range(rounds):
+            for _ in range(repeats):
+                for wname, calls in workloads.items():
                     for name, run in runs.items():
-                        run(x)  # back in the caches after the previous model
-                        for _ in range(block):
-                            t0 = time.perf_counter()
+                        for _ in range(warmup):
+                            run(calls[0])
+                        t0 = clock()
+                        for x in calls:
                             run(x)
-                            times[name].append((time.perf_counter() - t0) * 1e3)
-                    if i >= 1 and time.perf_counter() - start > max_seconds:
-                        break
-                for name, ts in times.items():
-                    out[name][f"b{b}_t{t}"] = round(statistics.median(ts), 3)
-    return out
+                        runs_ms[name].setdefault(f"{wname}_t{t}", []).append((clock() - t0) * 1e3 / len(calls))
+    return {name: {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3),
+                       "max_ms": round(max(v), 3), "runs_ms": [round(x, 3) for x in v]} for k, v in per.items()}
+            for name, per in runs_ms.items()}
+
+
+def medians(lat: dict[str, dict]) -> dict[str, float]:
+    """``{"b1_t1": median ms, ...}`` of one model's ``measure_latency`` entry."""
+    return {k: v["median_ms"] for k, v in lat.items()}
+
+
+def mcnemar(pred_a, pred_b, labels) -> dict:
+    """Exact McNemar test of two classifiers on the same examples: the examples only one of them
+    gets right, and the two-sided p-value of that split under "equally accurate" (each such
+    example is a fair coin: p = min(1, 2·P[Binomial(n, ½) ≤ min(only_a, only_b)]))."""
+    import math
+
+    pred_a, pred_b, labels = (torch.as_tensor(x) for x in (pred_a, pred_b, labels))
+    if not pred_a.shape == pred_b.shape == labels.shape:
+        raise ValueError(f"predictions {tuple(pred_a.shape)}, {tuple(pred_b.shape)} and labels "
+                         f"{tuple(labels.shape)} must cover the same examples")
+    ra, rb = pred_a == labels, pred_b == labels
+    only_a, only_b = int((ra & ~rb).sum()), int((rb & ~ra).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"only_a_right": only_a, "only_b_right": only_b, "n": int(labels.numel()), "p_value": round(p, 6)}
 
 
 def torch_runner(model: torch.nn.Module, autocast_bf16: bool = False) -> Callable[[int], Callable[[dict], object]]:

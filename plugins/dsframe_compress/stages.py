@@ -1,7 +1,7 @@
 """Stage functions of the bert_compress recipe (entry-point group ``dsframe.stages``).
 
     compress_export    model.pt of a stage -> model.onnx (fp32) + model_int8.onnx (onnxruntime int8)
-    compress_evaluate  accuracy on the test split, file size, latency medians for every model
+    compress_evaluate  accuracy on the test split (read once, here), file size, latency for every model
     compress_report    report.json, report.md and report.png in the run directory
 
 Options come from ``recipe.stages.<name>.options``; every stage reads only finished
@@ -54,6 +54,28 @@ class ExportOptions:
     unseen: str = "pq"            # with vocab=train, rows of the other tokens: product-quantized,
                                   # 96 bytes per 384-wide row (pq) | dropped, the id reads the
                                   # kept row nearest its embedding (nearest) or [UNK]'s (unk)
+    scheme: str = "auto"          # int8 weight grid: auto (the grid the source's QAT trained on,
+                                  # else this machine's: w7 on x86 without VNNI/AMX) | w8 | w7
+
+
+def export_scheme(requested: str, source_dir: Path, key: str) -> tuple[str, str]:
+    """The scheme to export with and why. A QAT stage's ``qat.json`` names the grid its weights
+    lie on: ``auto`` follows it, another explicit scheme is refused (the weights would be
+    rounded a second time, onto a grid they were not trained for)."""
+    from dsframe_qat.scheme import CHOICES, choose_scheme
+
+    if requested not in CHOICES:
+        raise ConfigError(key, requested, " | ".join(CHOICES))
+    qat = source_dir / "qat.json"
+    trained = json.loads(qat.read_text())["scheme"] if qat.exists() else None
+    if trained is not None:
+        if requested not in ("auto", trained):
+            raise ConfigError(key, requested, f"auto or {trained}, the grid stage '{source_dir.name}' trained on "
+                              f"({qat})")
+        return trained, f"trained on by stage '{source_dir.name}' (qat.json)"
+    if requested == "auto":
+        return choose_scheme(), "chosen from this CPU's flags"
+    return requested, "set in the options"
 
 
 def export(ctx) -> dict:
@@ -68,35 +90,50 @@ def export(ctx) -> dict:
     if opt.unseen not in UNSEEN:
         raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.unseen", opt.unseen, " | ".join(UNSEEN))
     source = opt.source or _previous_fit_stage(ctx)
+    scheme, why = export_scheme(opt.scheme, ctx.run_dir / source, f"recipe.stages.{ctx.stage_name}.options.scheme")
     model = load_model(ctx.artifact(source)).eval()
     keep, unk = (None, 100)
     if opt.vocab == "train":
         keep, unk = used_token_ids(ctx.datamodule)
     info = export_int8(model, ctx.stage_dir, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
-                       keep_token_ids=keep, unk_id=unk, unseen=opt.unseen)
+                       keep_token_ids=keep, unk_id=unk, unseen=opt.unseen, scheme=scheme)
+    full_vocab_mb = None
+    if keep is not None:  # the size without vocabulary pruning (which depends on the training corpus)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as td:
+            full = export_int8(model, td, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
+                               scheme=scheme)
+            full_vocab_mb = round(size_mb(full["onnx_int8"]), 3)
     vocab = _vocab(model)
-    x = _test_batch(ctx.datamodule) or dummy_inputs(4, 32, vocab, seed=1)
+    x = _val_batch(ctx.datamodule) or dummy_inputs(4, 32, vocab, seed=1)
     with torch.no_grad():
         ref = model(**x)
     out32 = OrtModel(info["onnx"])(**x)
     out8 = OrtModel(info["onnx_int8"])(**x)  # includes the effect of vocabulary pruning
-    return {"source": source, "fused_ops": info.get("fused_ops", {}),
+    from dsframe.machine import machine_info
+    from dsframe_qat.scheme import saturates
+
+    return {"source": source, "scheme": scheme, "scheme_reason": why, "saturates_here": saturates(),
+            "machine": machine_info(), "fused_ops": info.get("fused_ops", {}),
             "vocab_rows_kept": int(keep.numel()) if keep is not None else vocab,
             "onnx_mb": round(size_mb(info["onnx"]), 3), "onnx_int8_mb": round(size_mb(info["onnx_int8"]), 3),
+            "onnx_int8_full_vocab_mb": full_vocab_mb,
             "max_abs_diff_fp32": float((out32 - ref).abs().max()),
             "max_abs_diff_int8": float((out8 - ref).abs().max()),
             "argmax_agreement_int8": round(100.0 * float((out8.argmax(-1) == ref.argmax(-1)).float().mean()), 2),
             "check_batch": int(ref.shape[0])}
 
 
-def _test_batch(dm) -> dict | None:
-    """The first test batch (input ids and mask), or None without a data module."""
+def _val_batch(dm) -> dict | None:
+    """The first validation batch (input ids and mask), or None without a data module. (The test
+    split is read once, by the evaluate stage.)"""
     if dm is None:
         return None
     try:
-        dm.setup("test")
-        batch = next(iter(dm.test_dataloader()))
-    except Exception:  # a data module without a test split: fall back to random ids
+        dm.setup("fit")
+        batch = next(iter(dm.val_dataloader()))
+    except Exception:  # a data module without a validation split: fall back to random ids
         return None
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -122,64 +159,129 @@ def _vocab(model) -> int:
 
 # -- evaluate ------------------------------------------------------------------------------
 
+BASELINES = ("ort_fp32", "ort_int8", "bf16")
+
+
 @dataclass
 class EvaluateOptions:
     stages: List[str] = field(default_factory=lambda: ["teacher", "prune", "qat"])  # torch fp32 models
     int8: Optional[str] = "export"  # stage holding model_int8.onnx (null: none)
     baseline: str = "teacher"       # speedup and size ratio are against this stage
+    # the baseline model through other runtimes: ort_fp32 (onnxruntime fp32, same fusion as the
+    # int8 student: tells runtime gain from compression gain), ort_int8 (onnxruntime dynamic int8,
+    # stock embeddings, the machine's scheme), bf16 (torch autocast)
+    baselines: List[str] = field(default_factory=lambda: ["ort_fp32", "ort_int8"])
     batches: List[int] = field(default_factory=lambda: [1, 8])
     threads: List[int] = field(default_factory=lambda: [1, 2])
-    seq_len: int = 128
-    reps: int = 10
+    seq_len: int = 128              # fixed-shape latency (bK_tN)
+    sentences: Optional[int] = 128  # test sentences timed at their own lengths (test_bK_tN); null: all, 0: none
+    repeats: int = 3                # the whole latency measurement, repeated: median, min, max
+    calls: int = 4                  # timed calls per model and fixed shape in one measurement
     limit_test_batches: Optional[int] = None
 
 
 def evaluate(ctx) -> dict:
-    """Test accuracy, file size and latency medians of each stage's model and the int8 artifact."""
+    """Test accuracy (the only read of the test split), file size and latency of each stage's
+    model, the int8 artifact and the baseline through other runtimes; McNemar of the student."""
+    from dsframe.io import write_json
+    from dsframe.machine import machine_info
     from dsframe.models import load_model
-    from dsframe_compress.int8 import OrtModel
-    from dsframe_compress.measure import accuracy, latency_grid, ort_runner, size_mb, torch_runner
+    from dsframe_compress.int8 import OrtModel, export_fp32_fused, export_int8
+    from dsframe_compress.measure import (accuracy, fixed_workload, mcnemar, measure_latency, medians,
+                                          ort_runner, sentence_workload, size_mb, torch_runner)
 
     opt = _options(EvaluateOptions, ctx)
+    key = f"recipe.stages.{ctx.stage_name}.options"
     if opt.baseline not in opt.stages:
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.baseline", opt.baseline,
-                          f"one of the evaluated stages {opt.stages}")
+        raise ConfigError(f"{key}.baseline", opt.baseline, f"one of the evaluated stages {opt.stages}")
+    for b in opt.baselines:
+        if b not in BASELINES:
+            raise ConfigError(f"{key}.baselines", b, " | ".join(BASELINES))
+    if opt.repeats < 3:
+        raise ConfigError(f"{key}.repeats", opt.repeats, "3 or more (a median with min and max beside it)")
     dm = ctx.datamodule
     dm.setup("test")
     loader = dm.test_dataloader()
     rows: dict[str, dict] = {}
+    makers: dict = {}
+    preds: dict = {}
     vocab = 30522
-    grid = dict(batches=opt.batches, threads=opt.threads, seq=opt.seq_len, reps=opt.reps)
-    preds = {}
+
+    def add(name, runtime, model, path, maker, **extra):
+        acc = accuracy(model, loader, autocast_bf16=extra.pop("bf16", False), limit_batches=opt.limit_test_batches)
+        preds[name] = acc.pop("preds")
+        log.info("evaluate %s: acc %.2f", name, acc["acc"])
+        rows[name] = {"runtime": runtime, "file": str(path), "size_mb": round(size_mb(path), 3), **acc, **extra}
+        makers[name] = maker
+
     for name in opt.stages:
         path = ctx.artifact(name)
         model = load_model(path).eval()
         vocab = _vocab(model)
-        acc = accuracy(model, loader, limit_batches=opt.limit_test_batches)
-        preds[name] = acc.pop("preds")
-        log.info("evaluate %s: acc %.2f", name, acc["acc"])
-        rows[name] = {"runtime": "torch fp32", "file": str(path), "size_mb": round(size_mb(path), 3),
-                      "params": sum(p.numel() for p in model.parameters()), **acc,
-                      "latency_ms": latency_grid(torch_runner(model), vocab, **grid)}
+        add(name, "torch fp32", model, path, torch_runner(model), params=sum(p.numel() for p in model.parameters()))
     if opt.int8:
         path = ctx.artifact(opt.int8, "model_int8.onnx")
-        acc = accuracy(OrtModel(path, threads=max(opt.threads)), loader, limit_batches=opt.limit_test_batches)
-        preds["int8"] = acc.pop("preds")
-        rows["int8"] = {"runtime": "onnxruntime int8", "file": str(path), "size_mb": round(size_mb(path), 3), **acc,
-                        "latency_ms": latency_grid(ort_runner(path), vocab, **grid)}
-        last_fp = opt.stages[-1]
-        rows["int8"]["agreement_with_" + last_fp] = round(
-            100.0 * float((preds["int8"] == preds[last_fp]).float().mean()), 3)
+        exp = json.loads(f.read_text()) if (f := ctx.run_dir / opt.int8 / "metrics.json").exists() else {}
+        m8 = OrtModel(path, threads=max(opt.threads))
+        add("int8", "onnxruntime int8", m8, path, ort_runner(path), scheme=m8.metadata.get("int8_scheme"),
+            size_mb_full_vocab=exp.get("onnx_int8_full_vocab_mb"))
+    base_path = ctx.artifact(opt.baseline)
+    base_model = load_model(base_path).eval()
+    name = opt.baseline
+    if "ort_fp32" in opt.baselines:
+        p = export_fp32_fused(base_model, ctx.stage_dir / f"{name}_fp32_fused.onnx", opt.seq_len)
+        add(f"{name}_ort_fp32", "onnxruntime fp32 (fused like the student)", OrtModel(p, max(opt.threads)), p,
+            ort_runner(p))
+    if "ort_int8" in opt.baselines:
+        p = Path(export_int8(base_model, ctx.stage_dir / f"{name}_ort_int8", opt.seq_len, fuse=True,
+                             int8_embeddings=False)["onnx_int8"])
+        m8 = OrtModel(p, max(opt.threads))
+        add(f"{name}_ort_int8", "onnxruntime dynamic int8 (fused, stock embeddings)", m8, p, ort_runner(p),
+            scheme=m8.metadata.get("int8_scheme"))
+    if "bf16" in opt.baselines:
+        add(f"{name}_bf16", "torch bf16 autocast", base_model, base_path, torch_runner(base_model, autocast_bf16=True),
+            bf16=True)
+
+    labels = _labels(loader, opt.limit_test_batches)
+    write_json(ctx.stage_dir / "test_preds.json", {"labels": labels.tolist(),
+                                                   "preds": {k: v.tolist() for k, v in preds.items()}})
+    paired = {}
+    if "int8" in preds:
+        for other in (opt.baseline, f"{opt.baseline}_ort_int8"):
+            if other in preds:
+                paired[f"int8_vs_{other}"] = mcnemar(preds["int8"], preds[other], labels)
+
+    workloads = {f"b{b}": fixed_workload(b, opt.seq_len, vocab, opt.calls) for b in opt.batches}
+    if opt.sentences != 0:
+        ids = dm.splits["test"].encodings["input_ids"]
+        pad = getattr(getattr(dm, "tokenizer", None), "pad_token_id", None) or 0
+        workloads.update({f"test_b{b}": sentence_workload(ids, b, opt.sentences, pad) for b in opt.batches})
+    log.info("evaluate: latency of %d models, %s, %d repetitions", len(makers), list(workloads), opt.repeats)
+    lat = measure_latency(makers, workloads, opt.threads, opt.repeats)
     base = rows[opt.baseline]
+    base["latency_ms"] = medians(lat[opt.baseline])
     for name, row in rows.items():
+        row["latency_ms"] = medians(lat[name])
+        row["latency_min_ms"] = {k: v["min_ms"] for k, v in lat[name].items()}
+        row["latency_max_ms"] = {k: v["max_ms"] for k, v in lat[name].items()}
+        row["latency_runs_ms"] = {k: v["runs_ms"] for k, v in lat[name].items()}
         row["size_ratio"] = round(base["size_mb"] / row["size_mb"], 3)
         row["speedup"] = {k: round(base["latency_ms"][k] / v, 3) for k, v in row["latency_ms"].items()}
         row["acc_drop"] = round(base["acc"] - row["acc"], 3)
-    import os
+    out = {"baseline": opt.baseline, "seq_len": opt.seq_len, "sentences_timed": opt.sentences,
+           "latency_repeats": opt.repeats, "models": rows, "paired": paired,
+           "torch_threads_default": torch.get_num_threads(), "machine": machine_info()}
+    ortfp = rows.get(f"{opt.baseline}_ort_fp32")
+    if ortfp and "int8" in rows:  # total speedup = runtime (torch → onnxruntime) × compression
+        out["speedup_split"] = {k: {"total": rows["int8"]["speedup"][k],
+                                    "runtime": round(base["latency_ms"][k] / ortfp["latency_ms"][k], 3),
+                                    "compression": round(ortfp["latency_ms"][k] / rows["int8"]["latency_ms"][k], 3)}
+                                for k in base["latency_ms"]}
+    return out
 
-    return {"baseline": opt.baseline, "seq_len": opt.seq_len, "models": rows,
-            "torch_threads_default": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+def _labels(loader, limit_batches=None) -> torch.Tensor:
+    return torch.cat([b["labels"] for i, b in enumerate(loader) if limit_batches is None or i < limit_batches])
 
 
 # -- report --------------------------------------------------------------------------------
@@ -192,6 +294,7 @@ class ReportOptions:
 def report(ctx) -> dict:
     """Write report.json, report.md and report.png for the compression run."""
     from dsframe.io import write_json, write_text
+    from dsframe.machine import machine_info
 
     opt = _options(ReportOptions, ctx)
     src = ctx.run_dir / opt.source / "metrics.json"
@@ -207,7 +310,9 @@ def report(ctx) -> dict:
         if f.exists() and name != opt.source:
             stages[name] = json.loads(f.read_text())
     rep = {"recipe": ctx.cfg.recipe.name, "baseline": ev["baseline"], "seq_len": ev["seq_len"],
-           "models": ev["models"], "stages": stages, "cpus": ev.get("cpus"), "load_avg_1m": ev.get("load_avg_1m")}
+           "sentences_timed": ev.get("sentences_timed"), "latency_repeats": ev.get("latency_repeats"),
+           "models": ev["models"], "paired": ev.get("paired", {}), "speedup_split": ev.get("speedup_split"),
+           "stages": stages, "machine": ev.get("machine") or machine_info()}
     write_json(ctx.run_dir / "report.json", rep)
     write_text(ctx.run_dir / "report.md", render_markdown(rep))
     plot_report(rep, ctx.run_dir / "report.png")
@@ -216,31 +321,58 @@ def report(ctx) -> dict:
             "final_size_ratio": final["size_ratio"], "final_speedup": final["speedup"]}
 
 
+def _cell(r: dict, k: str) -> str:
+    lo, hi = r.get("latency_min_ms", {}).get(k), r.get("latency_max_ms", {}).get(k)
+    med = f"{r['latency_ms'][k]:.1f}"
+    return med if lo is None else f"{med} ({lo:.1f}–{hi:.1f})"
+
+
 def render_markdown(rep: dict) -> str:
     models = rep["models"]
     keys = list(next(iter(models.values()))["latency_ms"])
-    head = ["model", "runtime", "test acc %", "acc drop (pts)", "size MB", "size ratio",
-            *[f"ms {k}" for k in keys], *[f"speedup {k}" for k in keys]]
+    m = rep.get("machine") or {}
     lines = [f"# {rep['recipe']} report", "",
-             f"Baseline: `{rep['baseline']}` (fp32). Latency: median ms at sequence length {rep['seq_len']}, "
-             f"batch b, t threads (bK_tN); load average after measuring: {rep.get('load_avg_1m')} on "
-             f"{rep.get('cpus')} CPUs (other processes slow the 2-thread figures most).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"Machine: {m.get('cpu_model', '?')} ({m.get('arch', '?')}, {m.get('cpus', '?')} CPUs; flags: "
+             f"{' '.join(m.get('cpu_flags', [])) or 'none of the listed'}), load average {m.get('load_avg_1m')}, "
+             f"torch {m.get('torch', '?')}. Timings on a shared machine: re-measure on a quiet one.", "",
+             f"Baseline: `{rep['baseline']}` (torch fp32). Accuracy: the test split (read once, by the evaluate "
+             f"stage). Latency: median ms over {rep.get('latency_repeats', '?')} repetitions of the whole "
+             f"measurement (min–max beside); bK_tN = batch K, N threads at sequence length {rep['seq_len']}; "
+             f"test_bK_tN = {rep.get('sentences_timed') or 'all'} test sentences at their own lengths.", "",
+             "| model | runtime | test acc % | acc drop (pts) | size MB | size ratio | " + " | ".join(keys) + " |",
+             "|" + "---|" * (6 + len(keys))]
     for name, r in models.items():
-        cells = [name, r["runtime"], f"{r['acc']:.2f}", f"{r['acc_drop']:+.2f}", f"{r['size_mb']:.2f}",
-                 f"{r['size_ratio']:.2f}×", *[f"{r['latency_ms'][k]:.1f}" for k in keys],
-                 *[f"{r['speedup'][k]:.2f}×" for k in keys]]
-        lines.append("| " + " | ".join(cells) + " |")
+        size = f"{r['size_mb']:.2f}"
+        if r.get("size_mb_full_vocab"):
+            size += f" ({r['size_mb_full_vocab']:.2f} all vocab)"
+        lines.append("| " + " | ".join([name, r["runtime"] + (f", {r['scheme']}" if r.get("scheme") else ""),
+                                        f"{r['acc']:.2f}", f"{r['acc_drop']:+.2f}", size, f"{r['size_ratio']:.2f}×",
+                                        *[_cell(r, k) for k in keys]]) + " |")
+    lines += ["", "Speedup against the baseline (medians):", "",
+              "| model | " + " | ".join(keys) + " |", "|" + "---|" * (1 + len(keys))]
+    for name, r in models.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['speedup'][k]:.2f}×" for k in keys) + " |")
+    if rep.get("speedup_split"):
+        lines += ["", "int8 student vs baseline = runtime (torch → onnxruntime fp32, same fusion) × compression "
+                      "(onnxruntime fp32 → pruned int8 student): " +
+                  ", ".join(f"{k} {v['total']:.2f}× = {v['runtime']:.2f} × {v['compression']:.2f}"
+                            for k, v in rep["speedup_split"].items())]
+    for pair, t in rep.get("paired", {}).items():
+        a, b = pair.split("_vs_")
+        lines.append(f"- exact McNemar, {a} vs {b}: only {a} right on {t['only_a_right']}, only {b} on "
+                     f"{t['only_b_right']} of {t['n']} (p = {t['p_value']:.3g})")
     lines.append("")
-    for name, m in rep.get("stages", {}).items():
-        if "params" in m:
-            lines.append(f"- stage `{name}`: {m['params']:,} parameters, model file {m.get('model_mb', '?')} MB, "
-                         f"test acc {100 * m.get('test', {}).get('test/acc', float('nan')):.2f} %, "
-                         f"{m.get('seconds', '?')} s")
-        elif "onnx_int8_mb" in m:
-            lines.append(f"- stage `{name}`: ONNX fp32 {m['onnx_mb']} MB, int8 {m['onnx_int8_mb']} MB, fused "
-                         f"{m.get('fused_ops')}, max |Δlogit| int8 vs torch {m['max_abs_diff_int8']:.4f}, "
-                         f"argmax agreement {m.get('argmax_agreement_int8', '?')} % on a test batch")
+    for name, s in rep.get("stages", {}).items():
+        if "params" in s:
+            val = s.get("fit", {}).get("val/acc")
+            lines.append(f"- stage `{name}`: {s['params']:,} parameters, model file {s.get('model_mb', '?')} MB, "
+                         f"val acc {'?' if val is None else f'{100 * val:.2f} %'}, {s.get('seconds', '?')} s")
+        elif "onnx_int8_mb" in s:
+            lines.append(f"- stage `{name}`: scheme {s.get('scheme', '?')} ({s.get('scheme_reason', '')}), ONNX fp32 "
+                         f"{s['onnx_mb']} MB, int8 {s['onnx_int8_mb']} MB ({s.get('onnx_int8_full_vocab_mb')} MB with "
+                         f"every vocabulary row), fused {s.get('fused_ops')}, max |Δlogit| int8 vs torch "
+                         f"{s['max_abs_diff_int8']:.4f}, argmax agreement {s.get('argmax_agreement_int8', '?')} % on "
+                         "a validation batch")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +404,9 @@ def plot_report(rep: dict, png: Path) -> None:
     a2.set_xlabel("file size, MB")
     a2.set_ylabel("test accuracy, %")
     a2.grid(alpha=0.3)
-    fig.suptitle(f"{rep['recipe']}: size, latency and accuracy against {rep['baseline']}")
+    m = rep.get("machine") or {}
+    fig.suptitle(f"{rep['recipe']}: size, latency and accuracy against {rep['baseline']} — "
+                 f"{m.get('cpu_model', '?')} ({' '.join(m.get('cpu_flags', []))})", fontsize=9)
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
