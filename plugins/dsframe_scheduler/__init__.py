@@ -1,0 +1,1 @@
+"""scheduler: dynamic resource scheduling (Q-learning agent, simulator, online plugin)."""
