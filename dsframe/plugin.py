@@ -26,7 +26,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dsframe.errors import DsframeError
+from dsframe.errors import ConfigError, DsframeError
+from dsframe.io import write_json
+
+
+#: trainer settings a plugin may change between segments of a fit stage (``StageContext.end_segment``)
+SEGMENT_KEYS = ("precision", "devices", "num_nodes", "accumulate_grad_batches")
+#: the file in the stage directory through which rank 0 asks the runner for the next segment
+SEGMENT_REQUEST = "segment_request.json"
+#: the checkpoint taken at the switch (``last.ckpt`` is rewritten when the ending Trainer stops)
+SEGMENT_CHECKPOINT = "segment.ckpt"
 
 
 @dataclass
@@ -48,6 +57,28 @@ class StageContext:
     @property
     def stage_dir(self) -> Path:
         return self.run_dir / self.stage_name
+
+    def end_segment(self, trainer: pl.Trainer, reason: str = "", **changes: Any) -> None:
+        """End this segment of the fit stage; the runner continues the stage in a new Trainer
+        with ``changes`` to the stage's trainer settings (keys in ``SEGMENT_KEYS``, e.g.
+        ``precision="bf16-mixed"``, ``devices=2``).
+
+        Call it from a training hook (``on_train_batch_end``) on *every* rank with the same
+        arguments (decide on rank 0 and broadcast). It saves the checkpoint the next segment
+        resumes from — weights, optimizer, LR schedule, loop counters, callback (plugin) state
+        and the training loader's position — and stops this ``fit`` without the validation
+        Lightning runs on an early stop. Rank 0 writes the request to the stage directory, so
+        it reaches the launching process from forked ranks too.
+        """
+        bad = sorted(set(changes) - set(SEGMENT_KEYS))
+        if bad:
+            raise ConfigError(f"end_segment({bad[0]}=...)", changes[bad[0]], f"one of {', '.join(SEGMENT_KEYS)}")
+        if trainer.is_global_zero:  # before the checkpoint's barrier: every rank then sees it
+            write_json(self.stage_dir / SEGMENT_REQUEST, {"global_step": trainer.global_step,
+                                                          "trainer": changes, "reason": reason})
+        trainer.save_checkpoint(self.stage_dir / "checkpoints" / SEGMENT_CHECKPOINT)
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # this Trainer ends here; validation keeps its own schedule
 
     def artifact(self, stage_name: str, filename: str = "model.pt") -> Path:
         """A file written by an earlier stage of this run; a clear error if it is not there."""

@@ -107,9 +107,10 @@ class RunSpec:
     seed: int
     threads: Optional[int]
 
-    def stage_trainer(self, stage: str) -> TrainerConfig:
+    def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
+        """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
         base = OmegaConf.to_container(OmegaConf.structured(self.trainer))
-        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer},
+        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer, **(segment or {})},
                             f"recipe.stages.{stage}.trainer")
 
     def stage_optim(self, stage: str) -> OptimConfig:
