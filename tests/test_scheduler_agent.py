@@ -64,11 +64,17 @@ def test_exploration_rate_is_epsilon_and_respects_mask():
 
 
 def test_hysteresis_keeps_unless_clearly_better():
-    q = QLearner(1, hysteresis=0.5)
-    q.q[0, A["keep"]] = 1.0
-    q.q[0, A["batch_up"]] = 1.4
+    q = QLearner(1, hysteresis=0.2)           # relative: must beat keep by 20 % of |Q(keep)|
+    q.q[0, A["keep"]] = 2.0
+    q.q[0, A["batch_up"]] = 2.35
     assert q.greedy(0) == A["keep"]
-    q.q[0, A["batch_up"]] = 1.6
+    q.q[0, A["batch_up"]] = 2.45
+    assert q.greedy(0) == A["batch_up"]
+    q.q[0] = -10.0
+    q.q[0, A["keep"]] = -2.0                  # also for negative values: -2 + 0.4 = -1.6
+    q.q[0, A["batch_up"]] = -1.7
+    assert q.greedy(0) == A["keep"]
+    q.q[0, A["batch_up"]] = -1.5
     assert q.greedy(0) == A["batch_up"]
 
 
@@ -137,6 +143,9 @@ def test_warm_start_follows_the_conservative_threshold_rule():
     assert ACTIONS[q.greedy(idle)] == "keep"
     full = encode_state(Signals(0.9, 0.05, 0.0, 100.0), Setting(32, "32-true", 1), bins, lim)
     assert ACTIONS[q.greedy(full)] == "batch_down"
+    # a base value shifts every entry; the heuristic's action stays ahead by `value`
+    q.warm_start(conservative_heuristic(bins), value=0.5, base=-10.0)
+    assert q.q[busy].max() == -9.5 and q.q[busy].min() == -10.0
 
 
 def test_reward_is_progress_per_cost_with_restart_and_penalties():
@@ -148,6 +157,13 @@ def test_reward_is_progress_per_cost_with_restart_and_penalties():
     assert reward(300, 20.0, 10.0, lam=1.0, scale=10.0) == pytest.approx(1.0)
     assert reward(300, 20.0, 10.0, lam=1.0, oom=True, penalty=2.0) == -2.0
     assert reward(300, 20.0, 10.0, lam=1.0, diverged=True) == -1.0
+    # cost form: -(J / progress) * scale; the restart is charged in full
+    assert reward(300, 20.0, 10.0, lam=1.0, form="cost") == pytest.approx(-0.1)
+    assert reward(300, 20.0, 10.0, lam=1.0, restart_seconds=5.0, restart_workers=2, scale=10.0,
+                  form="cost") == pytest.approx(-1.5)
+    assert reward(300, 20.0, 10.0, lam=1.0, oom=True, scale=10.0, form="cost") == pytest.approx(-2.0)
+    with pytest.raises(ConfigError, match="reward_form"):
+        reward(300, 20.0, 10.0, lam=1.0, form="speed")
 
 
 def _trained():

@@ -9,7 +9,7 @@ in the simulator on GPU-sized limits has the same shape and meaning on a 2-proce
 :class:`QLearner` is plain tabular Q-learning (Watkins) with ε-greedy exploration that decays
 linearly from ``eps_start`` to ``eps_end`` over ``eps_decay_decisions`` choices. Greedy
 choices keep the current setting unless another action beats ``keep`` by ``hysteresis``
-(Pollux/AdaptDL needed such a margin after batch sizes oscillated).
+relative to |Q(keep)| (Pollux/AdaptDL needed such a margin after batch sizes oscillated).
 
 :func:`reward` is training progress per unit of cost ``J = worker·s + λ·s``: a restart is
 charged as cost without progress, an out-of-memory step or a divergence is a fixed penalty.
@@ -32,7 +32,7 @@ __all__ = [
     "ACTIONS", "PRECISIONS", "FULL_PRECISION", "POLICY_FORMAT",
     "Signals", "Setting", "Limits", "StateBins", "StateView",
     "encode_state", "decode_state", "n_states", "allowed_actions", "next_setting",
-    "QLearner", "reward", "conservative_heuristic", "action_index",
+    "QLearner", "reward", "REWARD_FORMS", "conservative_heuristic", "action_index",
 ]
 
 ACTIONS = ("keep", "batch_up", "batch_down", "precision_low", "precision_full",
@@ -139,8 +139,8 @@ class StateBins:
     free_memory: tuple = (0.1, 0.3)
     comm_latency_ms: tuple = (1.0, 10.0)
     noise_ratio: tuple = (0.25, 1.0, 4.0)
-    batch_buckets: int = 4
-    worker_buckets: int = 3
+    batch_buckets: int = 8           # one per level of a ×2 ladder up to 128× the minimum
+    worker_buckets: int = 5          # 1, 2, 4, 8, 16 workers each their own bucket
 
     def __post_init__(self):
         for f in ("utilisation", "free_memory", "comm_latency_ms", "noise_ratio"):
@@ -214,7 +214,10 @@ def encode_state(signals: Signals, setting: Setting, bins: StateBins, limits: Li
         int(setting.low_precision),
         _position(setting.workers, limits.min_workers, limits.max_workers, bins.worker_buckets),
     )
-    return int(np.ravel_multi_index(view, bins.sizes))
+    index = 0
+    for i, n in zip(view, bins.sizes):      # row-major, as np.ravel_multi_index (faster on scalars)
+        index = index * n + i
+    return index
 
 
 def decode_state(index: int, bins: StateBins) -> StateView:
@@ -248,23 +251,38 @@ def allowed_actions(setting: Setting, limits: Limits) -> tuple:
     return tuple(a == "keep" or next_setting(setting, a, limits) != setting for a in ACTIONS)
 
 
+REWARD_FORMS = ("rate", "cost")
+
+
 def reward(samples_progress: float, worker_seconds: float, seconds: float, lam: float,
            restart_seconds: float = 0.0, oom: bool = False, diverged: bool = False, *,
-           restart_workers: float = 1.0, scale: float = 1.0, penalty: float = 1.0) -> float:
-    """Training progress per unit of cost J = worker·s + λ·s, divided by ``scale``.
+           restart_workers: float = 1.0, scale: float = 1.0, penalty: float = 1.0,
+           form: str = "rate") -> float:
+    """Training progress per unit of cost J = worker·s + λ·s, relative to ``scale``.
 
     ``samples_progress`` is the progress made (samples, or goodput-weighted samples);
     ``worker_seconds``/``seconds`` the cost of the interval. A restart costs
-    ``restart_seconds·(restart_workers + λ)`` without progress. ``scale`` (e.g. the progress
-    rate of the starting setting) brings rewards near 1 so that ``penalty`` — returned
-    negated for an out-of-memory step or a divergence — is comparable across workloads.
+    ``restart_seconds·(restart_workers + λ)`` without progress. ``scale`` is a reference
+    progress per unit of cost (e.g. the starting setting's), so rewards are near ±1 and
+    ``penalty`` — subtracted for an out-of-memory step or a divergence — is comparable
+    across workloads.
+
+    ``form="rate"``: (progress / cost) / scale — higher is better; a restart can lower it
+    by at most the interval's whole reward, however long the restart.
+    ``form="cost"``: −(cost / progress) · scale — the negated cost per unit of progress
+    (−1 at the reference); summed over intervals of equal progress it is exactly −J up to a
+    constant factor, so a restart is charged in full (what the benchmark trains with).
     """
-    if oom or diverged:
-        return -float(penalty)
+    if form not in REWARD_FORMS:
+        raise ConfigError("reward_form", form, f"one of {', '.join(REWARD_FORMS)}")
     cost = worker_seconds + lam * seconds + restart_seconds * (restart_workers + lam)
-    if cost <= 0:
-        return 0.0
-    return float(samples_progress) / cost / float(scale)
+    if form == "rate":
+        if oom or diverged:
+            return -float(penalty)
+        return float(samples_progress) / cost / float(scale) if cost > 0 else 0.0
+    if samples_progress <= 0:
+        return -float(penalty) - (cost * float(scale) if cost > 0 else 0.0)
+    return -cost / float(samples_progress) * float(scale) - (float(penalty) if oom or diverged else 0.0)
 
 
 def conservative_heuristic(bins: StateBins, threshold: float = 0.7) -> Callable[[StateView], int]:
@@ -358,11 +376,12 @@ class QLearner:
 
     def greedy(self, state: int, allowed: Optional[Sequence[bool]] = None) -> int:
         """Best allowed action; ties go to the lowest index (``keep`` first); another action
-        replaces ``keep`` only if it is better by more than ``hysteresis``."""
+        replaces ``keep`` only if its value exceeds keep's by more than ``hysteresis``·|Q(keep)|
+        (relative, so it means the same at any reward scale)."""
         mask = self._mask(allowed)
         qs = np.where(mask, self.q[state], -np.inf)
         best = int(np.argmax(qs))
-        if mask[0] and best != 0 and qs[best] <= qs[0] + self.hyper.hysteresis:
+        if mask[0] and best != 0 and qs[best] <= qs[0] + self.hyper.hysteresis * abs(qs[0]):
             return 0
         return best
 
@@ -392,14 +411,16 @@ class QLearner:
         return float(td)
 
     def warm_start(self, heuristic: Callable[[StateView], int] | Callable[[int], int],
-                   value: float = 1.0, bins: Optional[StateBins] = None) -> None:
-        """Imitation start (DL2 needed one): Q[s, heuristic(s)] = value, other entries 0.
+                   value: float = 1.0, bins: Optional[StateBins] = None, base: float = 0.0) -> None:
+        """Imitation start (DL2 needed one): Q[s, a] = base everywhere, + value for the
+        heuristic's action. ``base`` should be a typical value (e.g. reward/(1−γ) of the
+        start setting) so untried actions look neither better nor worse than known ones.
         The heuristic takes a StateView when bins are known (given or self.bins), else the index."""
         bins = bins or self.bins
-        self.q[:] = 0.0
+        self.q[:] = float(base)
         for s in range(self.n_states):
             a = heuristic(decode_state(s, bins)) if bins is not None else heuristic(s)
-            self.q[s, int(a)] = float(value)
+            self.q[s, int(a)] = float(base) + float(value)
 
     # -- persistence: Lightning checkpoint (plain Python types) and policy file (JSON)
     def state_dict(self) -> dict:
