@@ -195,7 +195,8 @@ def test_policy_file_round_trip_and_damaged_files(tmp_path):
     path = tmp_path / "policy.json"
     q.save(path, meta={"trained_on": "unit test"})
     q2 = QLearner.load(path)
-    assert np.array_equal(q.q, q2.q) and q2.bins == q.bins and q2.meta == {"trained_on": "unit test"}
+    assert np.allclose(q.q, q2.q, rtol=1e-5, atol=0) and np.array_equal(q.visits, q2.visits)
+    assert q2.bins == q.bins and (q2.decisions, q2.epsilon) == (q.decisions, q.epsilon) and q2.meta == {"trained_on": "unit test"}
     assert QLearner.load(path, bins=StateBins(batch_buckets=3)).n_states == q.n_states
 
     with pytest.raises(CheckpointError, match="configured bins give"):

@@ -471,6 +471,7 @@ class QLearner:
     def save(self, path: str | os.PathLike, meta: Optional[dict] = None) -> None:
         """Write the policy file (JSON, atomically). ``meta`` (e.g. where it was trained) is kept."""
         d = self.state_dict()
+        d["q"] = [[float(f"{x:.6g}") for x in row] for row in d["q"]]   # 6 digits: a third of the size
         d["meta"] = meta or {}
         write_json(path, d)
 

@@ -13,7 +13,8 @@
 - :class:`QPolicy` — the shared tabular Q-learner (:mod:`dsframe_scheduler.agent`), trained
   by :func:`train_q` in the simulator, evaluated greedily on fresh seeds.
 - :class:`Oracle` — perfect foresight: dynamic programming over every setting at every
-  decision point on the noise-free cost model of the very run (its interference included).
+  decision point on the noise-free cost model of the very run (its interference included);
+  it picks its first setting freely, as the best static setting does.
 
 :func:`run_episode` plays a policy for one job and returns its cost J = worker·s + λ·s.
 """
@@ -60,8 +61,9 @@ class Policy:
         pass
 
 
-def run_episode(workload: Workload, policy: Policy, lam: float, seed: int, noise: bool = True) -> Episode:
-    sim = ClusterSim(workload, seed=seed, noise=noise, start=policy.start)
+def run_episode(workload: Workload, policy: Policy, lam: float, seed: int, noise: bool = True,
+                start_chunk: int = 0) -> Episode:
+    sim = ClusterSim(workload, seed=seed, noise=noise, start=policy.start, start_chunk=start_chunk)
     policy.reset(sim, lam)
     cost = seconds = worker_seconds = 0.0
     restarts = ooms = 0
@@ -133,18 +135,21 @@ class ThresholdRule(Policy):
 
 # ----------------------------------------------------------------------------- goodput
 class GoodputRule(Policy):
-    """Pollux's goodput, restricted to what one job controls: batch size and workers (fp32;
-    Pollux does not switch precision). The step-time model is the one fitted on the trace
-    (Pollux fits the same form online); the noise scale comes from the monitor, smoothed."""
+    """Pollux's goodput for what one job controls: batch size, workers and — beyond Pollux,
+    so that the baseline is as strong as the Q-learner's action set — precision, with the
+    workload's precision factor (``precisions=("32-true",)`` is Pollux proper). The step-time
+    model is the one fitted on the trace (Pollux fits the same form online); the noise scale
+    comes from the monitor, smoothed."""
     name = "goodput"
 
-    def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=(FULL_PRECISION,)):
-        self.min_gain, self.smoothing, self.precisions = min_gain, smoothing, tuple(precisions)
+    def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=None):
+        self.min_gain, self.smoothing = min_gain, smoothing
+        self.precisions = None if precisions is None else tuple(precisions)
 
     def reset(self, sim, lam):
         self.lam, self.b_noise = lam, None
         w = sim.w
-        self.candidates = [s for s in w.settings() if s.precision in self.precisions]
+        self.candidates = [s for s in w.settings() if self.precisions is None or s.precision in self.precisions]
 
     def cost_per_progress(self, w: Workload, s: Setting) -> float:
         phi = self.b_noise / w.stat.init_batch            # = grad_var / grad_sqr
@@ -172,18 +177,27 @@ class GoodputRule(Policy):
 class QPolicy(Policy):
     name = "q_learning"
 
-    def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0):
-        self.q, self.bins, self.explore, self.scale = learner, bins, explore, reward_scale
+    def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0,
+                 reward_form: str = "cost"):
+        self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
 
     def reset(self, sim, lam):
         self.lam, self.prev = lam, None
+        self._masks = {}
 
     def _state(self, signals, sim):
         return encode_state(signals, sim.setting, self.bins, sim.w.limits)
 
+    def _allowed(self, sim):
+        s = sim.setting
+        key = (s.batch_size, s.precision, s.workers)
+        if key not in self._masks:
+            self._masks[key] = allowed_actions(s, sim.w.limits)
+        return self._masks[key]
+
     def act(self, signals, sim):
         s = self._state(signals, sim)
-        a = self.q.choose(s, allowed_actions(sim.setting, sim.w.limits), explore=self.explore)
+        a = self.q.choose(s, self._allowed(sim), explore=self.explore)
         self.prev = (s, a)
         return a
 
@@ -192,9 +206,9 @@ class QPolicy(Policy):
             return
         s, a = self.prev
         rew = reward(r.progress, r.worker_seconds, r.seconds, self.lam, r.restart_seconds, oom=r.oom,
-                     restart_workers=r.restart_workers, scale=self.scale)
+                     restart_workers=r.restart_workers, scale=self.scale, form=self.form)
         s_next = None if r.done else self._state(signals_next, sim)
-        self.q.update(s, a, rew, s_next, allowed_actions(sim.setting, sim.w.limits), done=r.done)
+        self.q.update(s, a, rew, s_next, self._allowed(sim), done=r.done)
 
 
 def reward_scale(workload: Workload, lam: float) -> float:
@@ -208,21 +222,35 @@ def reward_scale(workload: Workload, lam: float) -> float:
 def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
             bins: Optional[StateBins] = None, alpha: float = 0.1, gamma: float = 0.9,
             eps_start: float = 0.3, eps_end: float = 0.05, hysteresis: float = 0.0,
-            progress=None) -> QPolicy:
+            reward_form: str = "cost", exploring_starts: float = 0.5, progress=None) -> QPolicy:
     """Q-learning in the simulator: warm start from the threshold heuristic, ε decaying over
-    the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others)."""
+    the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
+
+    With probability ``exploring_starts`` a training episode starts from a random setting at a
+    random point of the job (exploring starts): ε-greedy walks alone rarely reach settings
+    many actions away from the default, or see them late in the job."""
     bins = bins or StateBins()
     decisions = episodes * workload.spec.decisions
     learner = QLearner(n_states(bins), alpha=alpha, gamma=gamma, eps_start=eps_start, eps_end=eps_end,
                        eps_decay_decisions=max(1, int(0.8 * decisions)), seed=seed, hysteresis=hysteresis,
                        bins=bins)
-    learner.warm_start(conservative_heuristic(bins), value=0.5)
-    policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam))
+    # base: the discounted value of staying on the start setting (reward ±1 per decision)
+    base = (1.0 if reward_form == "rate" else -1.0) / (1.0 - gamma)
+    learner.warm_start(conservative_heuristic(bins), value=0.5, base=base)
+    policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam),
+                     reward_form=reward_form)
+    rng = np.random.default_rng(seed)
+    settings = workload.settings()
     for i in range(episodes):
-        run_episode(workload, policy, lam, seed=seed * 1_000_000 + i)
+        start_chunk = 0
+        policy.start = None
+        if rng.random() < exploring_starts:
+            policy.start = settings[int(rng.integers(len(settings)))]
+            start_chunk = int(rng.integers(workload.spec.decisions))
+        run_episode(workload, policy, lam, seed=seed * 1_000_000 + i, start_chunk=start_chunk)
         if progress is not None:
             progress()
-    policy.explore = False
+    policy.explore, policy.start = False, None
     return policy
 
 
@@ -243,12 +271,18 @@ class Oracle(Policy):
                              for t in S] for s in S])                          # [from, to]
         value = np.zeros(len(S))
         choice = np.zeros((K, len(S)), dtype=int)
+        value_after_first = None
         for k in reversed(range(K)):
+            if k == 0:
+                value_after_first = value.copy()
             total = restart + (chunk[k] + value)[None, :]                      # [from, to]
             choice[k] = np.argmin(total, axis=1)
             value = total[np.arange(len(S)), choice[k]]
-        start = w.backoff(sim.setting)
-        i = S.index(start) if start in S else 0
+        # the schedule includes its first setting: like the best static one, it starts there
+        # without a restart (so the oracle is a lower bound of both)
+        first = chunk[0] + value_after_first
+        i = int(np.argmin(first))
+        sim.setting = S[i]
         self.plan = []
         for k in range(K):
             i = choice[k, i]

@@ -166,7 +166,7 @@ class WorkloadSpec:
     memory_cap: Optional[int] = None           # largest local batch that fits (None: largest measured)
     # precision -> {"speed": compute-time multiplier, "memory": activation-memory multiplier, "source": ...}
     precision: dict = field(default_factory=dict)
-    decisions: int = 40                        # decision points per job (equal progress chunks)
+    decisions: int = 100                       # decision points per job (equal progress chunks)
     step_time_cv: float = 0.05                 # per-chunk step-time noise (lognormal sigma)
     interference_cv: float = 0.3               # per-run network interference (lognormal sigma)
     noise_scale_cv: float = 0.2                # noise of the B_noise estimate per reading
@@ -293,6 +293,7 @@ class StatModel:
         self.init_batch = int(self.batches[0])
         rows = min(len(v["progress"]) for v in validation.values())
         self.rows = rows
+        self._cache: dict = {}
         self.sqr = np.stack([validation[int(b)]["grad_sqr"][:rows] for b in self.batches])   # [B, rows]
         self.var = np.stack([validation[int(b)]["grad_var"][:rows] for b in self.batches])
         # progress at the end of row e (Pollux: the minimum over the runs)
@@ -320,8 +321,13 @@ class StatModel:
 
     def grad_stats(self, global_batch: float, progress: float) -> tuple[float, float]:
         e = self._row(progress)
-        b = float(np.clip(global_batch, self.batches[0], self.batches[-1]))
-        return float(np.interp(b, self.batches, self.sqr[:, e])), float(np.interp(b, self.batches, self.var[:, e]))
+        key = (global_batch, e)
+        out = self._cache.get(key)
+        if out is None:
+            b = min(max(float(global_batch), self.batches[0]), self.batches[-1])
+            out = self._cache[key] = (float(np.interp(b, self.batches, self.sqr[:, e])),
+                                      float(np.interp(b, self.batches, self.var[:, e])))
+        return out
 
     def gain(self, global_batch: float, progress: float) -> float:
         """Progress per step at this global batch (1 at the smallest measured batch)."""
@@ -384,6 +390,7 @@ class Workload:
                              batch_factor=2.0, precisions=tuple(self.precision),
                              min_workers=1, max_workers=ladder[-1])
         self.gpus_per_node = gpn
+        self._step_cache, self._net_cache = {}, {}
         sw = min(self.spec.static_workers, ladder[-1])
         self.static_default = Setting(self.min_local, FULL_PRECISION, sw)
 
@@ -414,8 +421,19 @@ class Workload:
         return math.ceil(workers / self.gpus_per_node)
 
     def step_time(self, s: Setting, interference: float = 1.0) -> float:
-        return float(self.perf.step(s.batch_size, self.nodes_of(s.workers), s.workers,
-                                    self.precision[s.precision]["speed"], interference))
+        key = (s.batch_size, s.precision, s.workers, interference)
+        t = self._step_cache.get(key)
+        if t is None:      # the simulator asks for the same few settings millions of times
+            t = self._step_cache[key] = float(self.perf.step(
+                s.batch_size, self.nodes_of(s.workers), s.workers, self.precision[s.precision]["speed"],
+                interference))
+        return t
+
+    def network_time(self, workers: int) -> float:
+        t = self._net_cache.get(workers)
+        if t is None:
+            t = self._net_cache[workers] = float(self.perf.network(self.nodes_of(workers), workers))
+        return t
 
     def memory_used(self, s: Setting) -> float:
         base = self.spec.memory_base
@@ -475,7 +493,7 @@ class ClusterSim:
     """
 
     def __init__(self, workload: Workload, seed: int = 0, noise: bool = True,
-                 start: Optional[Setting] = None):
+                 start: Optional[Setting] = None, start_chunk: int = 0):
         self.w = workload
         self.noise = noise
         self.rng = np.random.default_rng(seed)
@@ -483,7 +501,7 @@ class ClusterSim:
         self.interference = float(self.rng.lognormal(0.0, sp.interference_cv)) if noise else 1.0
         self.setting = workload.backoff(start or workload.static_default)
         self.bounds = workload.chunk_bounds()
-        self.k = 0
+        self.k = int(start_chunk)          # > 0: a job resumed part-way (exploring starts in training)
 
     @property
     def progress(self) -> float:
@@ -499,13 +517,12 @@ class ClusterSim:
 
     def observe(self) -> Signals:
         w, s, sp = self.w, self.setting, self.w.spec
-        nodes = w.nodes_of(s.workers)
         speed = w.precision[s.precision]["speed"]
         step = w.step_time(s, self.interference)
         busy = (w.perf.beta_c * s.batch_size) * speed          # the batch-proportional part of a step
         util = busy / step
         noise_scale = w.stat.noise_scale(s.global_batch, self.progress)
-        net = float(w.perf.network(nodes, s.workers)) * self.interference
+        net = w.network_time(s.workers) * self.interference
         if self.noise:
             util += self.rng.normal(0.0, sp.utilisation_sd)
             noise_scale *= float(self.rng.lognormal(0.0, sp.noise_scale_cv))
