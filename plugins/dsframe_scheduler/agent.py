@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from dsframe.errors import CheckpointError, ConfigError
-from dsframe.io import write_json
+from dsframe.io import atomic_write
 
 __all__ = [
     "ACTIONS", "PRECISIONS", "FULL_PRECISION", "POLICY_FORMAT",
@@ -453,7 +453,13 @@ class QLearner:
             if bins is not None and self.bins is not None and bins.to_dict() != self.bins.to_dict():
                 raise CheckpointError(f"{source}: Q-table bins {bins.to_dict()} differ from the "
                                       f"scheduler's {self.bins.to_dict()}")
-            visits = np.asarray(d.get("visits", np.zeros_like(q)), dtype=np.int64)
+            visits = d.get("visits")
+            if isinstance(visits, dict):                       # the policy file's sparse form
+                flat = np.zeros(q.size, dtype=np.int64)
+                for i, n in visits["sparse"]:
+                    flat[int(i)] = int(n)
+                visits = flat.reshape(q.shape)
+            visits = np.asarray(np.zeros_like(q) if visits is None else visits, dtype=np.int64)
             if visits.shape != q.shape:
                 raise CheckpointError(f"{source}: visit counts of shape {list(visits.shape)} do not "
                                       f"match the Q-table {list(q.shape)}")
@@ -472,8 +478,16 @@ class QLearner:
         """Write the policy file (JSON, atomically). ``meta`` (e.g. where it was trained) is kept."""
         d = self.state_dict()
         d["q"] = [[float(f"{x:.6g}") for x in row] for row in d["q"]]   # 6 digits: a third of the size
+        nz = np.flatnonzero(self.visits)
+        d["visits"] = {"sparse": [[int(i), int(self.visits.flat[i])] for i in nz]}   # mostly zeros
         d["meta"] = meta or {}
-        write_json(path, d)
+
+        def _write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(d, f, separators=(",", ":"))      # compact: ~60k numbers at the defaults
+                f.write("\n")
+
+        atomic_write(path, _write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, bins: Optional[StateBins] = None) -> "QLearner":
