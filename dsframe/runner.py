@@ -25,7 +25,7 @@ from dsframe.config.schema import RunSpec
 from dsframe.errors import CheckpointError, ConfigError
 from dsframe.io import write_json, write_text
 from dsframe.models import file_size_mb, load_model, save_model
-from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, StageContext, order_plugins
+from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
 from dsframe.strategies import forget_previous_job_port
 from dsframe.task import TASKS
 
@@ -123,8 +123,9 @@ class Runner:
             if task is None:
                 task = TASKS[spec.recipe.task](model, plugins, spec.stage_optim(name),
                                                **({"num_classes": dm.num_classes} if spec.recipe.task == "classification" else {}))
-            callbacks = [*plugins, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                                      enable_version_counter=False)]  # segments save last.ckpt too
+            callbacks = [*plugins, SegmentSwitch(ctx),
+                         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                         enable_version_counter=False)]  # segments save last.ckpt too
             if trainer_cfg.enable_progress_bar:
                 callbacks.append(RichProgressBar(leave=True))
             forget_previous_job_port()

@@ -65,16 +65,18 @@ def _run(compose, tmp_path, plan):
 @pytest.mark.slow
 def test_three_segments_continue_one_uninterrupted_run(compose, tmp_path, switcher):
     _, ref, ref_ckpt = _run(compose, tmp_path / "ref", {})
-    plan = {3: {"precision": "bf16-mixed", "devices": 2}, 10: {"precision": "32-true", "devices": 1}}
+    # mid-epoch, at the last batch of epoch 0 (the switch waits for the epoch's end), mid-epoch
+    plan = {3: {"precision": "bf16-mixed", "devices": 2}, 8: {"precision": "32-true"}, 11: {"devices": 1}}
     stage, seg, ckpt = _run(compose, tmp_path / "seg", plan)
 
     ledger = json.loads((stage / "segments.json").read_text())
-    assert [(s["start_step"], s["trainer"]) for s in ledger] == [(3, plan[3]), (10, plan[10])]
+    assert [(s["start_step"], s["trainer"]) for s in ledger] == [
+        (3, plan[3]), (8, {"precision": "32-true", "devices": 2}), (11, {"precision": "32-true", "devices": 1})]
     rank0 = [r for r in seg if r["rank"] == 0]
     assert [r["step"] for r in rank0] == list(range(16)) == [r["step"] for r in ref]  # continuous, none twice
     setting = {r["step"]: (r["precision"], r["world"]) for r in rank0}
-    assert setting[2] == ("32-true", 1) and setting[3] == ("bf16-mixed", 2) and setting[9] == ("bf16-mixed", 2)
-    assert setting[10] == ("32-true", 1) and setting[15] == ("32-true", 1)
+    assert setting[2] == ("32-true", 1) and setting[3] == setting[7] == ("bf16-mixed", 2)
+    assert setting[8] == setting[10] == ("32-true", 2) and setting[11] == setting[15] == ("32-true", 1)
     # the LR schedule continues exactly (same global batch on 1 or 2 ranks)
     ref_lr = {r["step"]: r["lr"] for r in ref}
     for r in rank0:
@@ -86,7 +88,7 @@ def test_three_segments_continue_one_uninterrupted_run(compose, tmp_path, switch
         assert seen == expected and sum(seen.values()) == 128
     assert ckpt["global_step"] == ref_ckpt["global_step"] == 16
     assert ckpt["dsframe_progress"]["samples_seen"] == ref_ckpt["dsframe_progress"]["samples_seen"] == 256
-    assert (stage / "model.pt").exists() and (stage / "logs" / "fit-2" / "metrics.csv").exists()
+    assert (stage / "model.pt").exists() and (stage / "logs" / "fit-3" / "metrics.csv").exists()
 
 
 def test_end_segment_refuses_a_setting_it_cannot_change(tmp_path):

@@ -162,7 +162,8 @@ def validate(cfg: DictConfig) -> RunSpec:
                               f"an earlier stage: {', '.join(seen) or '(none: this is the first stage)'}")
         for plugin in stage.plugins:
             cls = registry.plugins.get(plugin, key=f"{where}.plugins")
-            spec.plugins.setdefault(plugin, cls.Config())
+            if plugin not in spec.plugins:  # no options given: the Config defaults (may be refused)
+                spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
         spec.stage_trainer(name)
         spec.stage_optim(name)
         seen.append(name)

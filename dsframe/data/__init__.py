@@ -52,6 +52,7 @@ class ResizableBatchSampler(BatchSampler):
         self.offset = 0          # global samples of this epoch trained on (consumed)
         self.batches = 0         # batches of this epoch trained on
         self._ends: dict[int, int] = {}  # batch index -> global offset after it, for yielded batches
+        self.next_global_batch: Optional[int] = None  # the global batch a next segment starts with
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -111,8 +112,8 @@ class ResizableBatchSampler(BatchSampler):
         (Lightning numbers batches from the epoch's start) and those yielded ahead of training
         (prefetched: they keep the size they were cut at)."""
         size = self.batch_size * self.ranks[1]
-        if self.offset >= self.n:  # the epoch is over: the next one starts afresh
-            return self._count(self.n, size)
+        if self.offset >= self.n:  # this epoch is over (a checkpoint at its last batch): no more batches
+            return self.batches
         ahead = max(self._ends) if self._ends else -1
         if ahead >= self.batches:
             return ahead + 1 + self._count(self.n - self._ends[ahead], size)
@@ -125,7 +126,7 @@ class ResizableBatchSampler(BatchSampler):
     def state_dict(self) -> dict:
         # the *global* batch: a change of rank count keeps it (per-rank batch = global / ranks)
         return {"epoch": self.epoch, "offset": self.offset, "batches": self.batches,
-                "global_batch_size": self.batch_size * self.ranks[1], "n": self.n}
+                "global_batch_size": self.next_global_batch or self.batch_size * self.ranks[1], "n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n") not in (None, self.n):
@@ -158,12 +159,19 @@ def train_batch_sampler(trainer: pl.Trainer) -> Optional[ResizableBatchSampler]:
     return None
 
 
-def resize_batch(trainer: pl.Trainer, batch_size: int) -> bool:
+def resize_batch(trainer: pl.Trainer, batch_size: int, ranks: Optional[int] = None) -> bool:
     """Change the per-rank training batch size from the next batch on, mid-epoch. Returns False
-    when the training loader cannot (it has no ``ResizableBatchSampler``)."""
+    when the training loader cannot (it has no ``ResizableBatchSampler``).
+
+    ``ranks``: the size is meant for a next segment on that many ranks (``end_segment(devices=
+    ...)``); only the saved position records it (a change of rank count otherwise keeps the
+    global batch)."""
     sampler = train_batch_sampler(trainer)
     if sampler is None:
         return False
+    if ranks is not None and ranks != sampler.ranks[1]:
+        sampler.next_global_batch = int(batch_size) * int(ranks)
+        return True
     sampler.set_batch_size(batch_size)
     dm = getattr(trainer, "datamodule", None)
     if dm is not None and hasattr(dm, "batch_size"):
@@ -176,7 +184,8 @@ def sync_epoch_length(trainer: pl.Trainer) -> None:
     """Lightning fixes an epoch's length in batches when it sets the loader up (before it restores
     the loader's position) and reuses it every epoch; a resizable loader's length changes with
     its batch size and position. Recompute it so the epoch ends exactly when the data does.
-    The task calls this when training starts and at every epoch start; ``resize_batch`` too."""
+    The task calls this when training starts (after the position is restored) and as every
+    batch starts (Lightning skips ``on_train_epoch_start`` after some restarts); ``resize_batch`` too."""
     sampler = train_batch_sampler(trainer)
     loop = trainer.fit_loop
     if sampler is None or len(loop._combined_loader.flattened) != 1:
