@@ -95,6 +95,29 @@ def test_tiny_folder_is_read_and_fitted(tmp_path):
     assert w.stat.noise_scale(32, 1500.0) == pytest.approx(16 * 16)       # row 1
 
 
+def test_precision_rows_give_a_measured_speed_factor(tmp_path):
+    # a CPU-profile-like folder: 1 and 2 workers, fp32 and bf16-mixed rows (compute 0.7x)
+    folder = tmp_path / "cpu_profile"
+    folder.mkdir()
+    with open(folder / "placements.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["placement", "local_bsz", "step_time", "sync_time", "precision"])
+        for p in ("1", "2"):
+            for b in (8, 16, 32, 64):
+                c, n = float(TRUE.compute(b, len(p))), float(TRUE.network(1, int(p)))
+                w.writerow([p, b, c + n, n, "32-true"])
+                w.writerow([p, b, 0.7 * c + n, n, "bf16-mixed"])
+    write_trace(tmp_path / "stats")
+    for v in (tmp_path / "stats").glob("validation-*.csv"):
+        v.rename(folder / v.name)
+    w = Workload(read_trace(folder), holdout_every=0)
+    assert w.precision["bf16-mixed"]["speed"] == pytest.approx(0.7)
+    assert "measured" in w.precision["bf16-mixed"]["source"]
+    assert w.worker_ladder == [1, 2] and w.limits.precisions == ("32-true", "bf16-mixed")
+    assert w.static_default == Setting(8, "32-true", 2)        # 4 workers capped at the 2 measured
+    assert w.step_time(Setting(16, "bf16-mixed", 1)) == pytest.approx(0.7 * float(TRUE.compute(16, 1)), rel=0.02)
+
+
 def test_calibration_error_is_computed_right(tmp_path):
     # one row 10 % slower than the model: its error is 1/1.1 - 1 relative to the measurement
     folder = write_trace(tmp_path / "toy", perturb={("2", 64): 1.1})
@@ -169,8 +192,11 @@ def test_q_learning_trains_in_the_simulator_and_saves_a_loadable_policy(tmp_path
     spec = WorkloadSpec(decisions=10, max_workers=4, static_workers=1)
     w = Workload(read_trace(write_trace(tmp_path / "toy")), spec, holdout_every=0)
     bins = StateBins()
-    q = train_q(w, 1.0, episodes=20, seed=0, bins=bins)
+    q = train_q(w, 1.0, episodes=20, seed=0, bins=bins, exploring_starts=0.0)
     assert q.q.decisions == 200 and q.q.updates == 200 and q.q.epsilon == pytest.approx(0.05)
+    # exploring starts: some episodes begin part-way through the job from a random setting
+    q2 = train_q(w, 1.0, episodes=20, seed=0, bins=bins, exploring_starts=1.0)
+    assert 20 <= q2.q.decisions < 200 and q2.q.updates == q2.q.decisions
     cost = run_episode(w, q, 1.0, seed=10**9).cost
     assert np.isfinite(cost) and cost > 0
     q.q.save(tmp_path / "p.json")

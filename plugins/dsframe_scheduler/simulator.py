@@ -160,8 +160,8 @@ class WorkloadSpec:
     target_metric: Optional[float] = None      # None: the last progress row common to all runs
     restart_seconds: float = 30.0              # Pollux's simulator charges 30 s per re-allocation
     gpus_per_node: int = 4                     # workers fill nodes of this size
-    max_workers: int = 16
-    static_workers: int = 4                    # the static default's fixed worker count
+    max_workers: Optional[int] = None          # None: the most workers measured in placements.csv
+    static_workers: int = 4                    # the static default's fixed worker count (capped)
     memory_base: float = 0.3                   # device memory used at batch 0 (weights, optimizer)
     memory_cap: Optional[int] = None           # largest local batch that fits (None: largest measured)
     # precision -> {"speed": compute-time multiplier, "memory": activation-memory multiplier, "source": ...}
@@ -180,7 +180,7 @@ class WorkloadSpec:
         if not 0 <= self.memory_base < 0.95:
             raise ConfigError("memory_base", self.memory_base, "a fraction in [0, 0.95)")
         for k in ("gpus_per_node", "max_workers", "static_workers", "decisions"):
-            if int(getattr(self, k)) < 1:
+            if getattr(self, k) is not None and int(getattr(self, k)) < 1:
                 raise ConfigError(k, getattr(self, k), "an integer >= 1")
         for p, f in self.precision.items():
             if p not in PRECISIONS or not isinstance(f, dict) or not {"speed", "memory"} <= set(f):
@@ -380,8 +380,10 @@ class Workload:
         for p, f in self.spec.precision.items():
             self.precision.setdefault(p, dict(f))
         gpn = self.spec.gpus_per_node
+        measured = [t.replicas[i] for i in range(len(t.placement)) if t.placement[i]]
+        max_workers = self.spec.max_workers or int(max(measured))
         ladder, w = [], 1
-        while w <= self.spec.max_workers:
+        while w <= max_workers:
             ladder.append(w)
             w *= 2
         self.worker_ladder = ladder
