@@ -153,11 +153,17 @@ class StateBins:
     @property
     def sizes(self) -> tuple:
         """Number of buckets per component, in StateView order."""
-        return (len(self.utilisation) + 1, len(self.free_memory) + 1, len(self.comm_latency_ms) + 1,
-                len(self.noise_ratio) + 1, self.batch_buckets, 2, self.worker_buckets)
+        key = (self.utilisation, self.free_memory, self.comm_latency_ms, self.noise_ratio,
+               self.batch_buckets, self.worker_buckets)
+        if getattr(self, "_sizes_key", None) != key:        # encode_state asks on every decision
+            self._sizes_key = key
+            self._sizes = (len(self.utilisation) + 1, len(self.free_memory) + 1, len(self.comm_latency_ms) + 1,
+                           len(self.noise_ratio) + 1, self.batch_buckets, 2, self.worker_buckets)
+        return self._sizes
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {f.name: list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple)
+                else getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StateBins":
@@ -367,6 +373,9 @@ class QLearner:
     def _mask(self, allowed: Optional[Sequence[bool]]) -> np.ndarray:
         if allowed is None:
             return np.ones(self.n_actions, dtype=bool)
+        if isinstance(allowed, np.ndarray) and allowed.dtype == bool and allowed.shape == (self.n_actions,) \
+                and allowed.any():
+            return allowed
         mask = np.asarray(allowed, dtype=bool)
         if mask.shape != (self.n_actions,):
             raise ConfigError("allowed", list(allowed), f"{self.n_actions} booleans")

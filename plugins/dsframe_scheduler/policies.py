@@ -182,7 +182,7 @@ class QPolicy(Policy):
         self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
 
     def reset(self, sim, lam):
-        self.lam, self.prev = lam, None
+        self.lam, self.prev, self._next = lam, None, None
         self._masks = {}
 
     def _state(self, signals, sim):
@@ -192,11 +192,12 @@ class QPolicy(Policy):
         s = sim.setting
         key = (s.batch_size, s.precision, s.workers)
         if key not in self._masks:
-            self._masks[key] = allowed_actions(s, sim.w.limits)
+            self._masks[key] = np.asarray(allowed_actions(s, sim.w.limits), dtype=bool)
         return self._masks[key]
 
     def act(self, signals, sim):
-        s = self._state(signals, sim)
+        s = self._next if self._next is not None else self._state(signals, sim)
+        self._next = None
         a = self.q.choose(s, self._allowed(sim), explore=self.explore)
         self.prev = (s, a)
         return a
@@ -208,6 +209,7 @@ class QPolicy(Policy):
         rew = reward(r.progress, r.worker_seconds, r.seconds, self.lam, r.restart_seconds, oom=r.oom,
                      restart_workers=r.restart_workers, scale=self.scale, form=self.form)
         s_next = None if r.done else self._state(signals_next, sim)
+        self._next = s_next                      # the next act() sees the same reading
         self.q.update(s, a, rew, s_next, self._allowed(sim), done=r.done)
 
 

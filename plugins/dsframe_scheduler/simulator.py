@@ -33,6 +33,7 @@ import csv
 import json
 import math
 import os
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Optional
@@ -298,6 +299,7 @@ class StatModel:
         self.var = np.stack([validation[int(b)]["grad_var"][:rows] for b in self.batches])
         # progress at the end of row e (Pollux: the minimum over the runs)
         self.row_end = np.min(np.stack([validation[int(b)]["progress"][:rows] for b in self.batches]), 0)
+        self._row_end = [float(x) for x in self.row_end]          # bisect on a list: fast on scalars
         base = validation[self.init_batch]
         metric = base["metric"][:rows]
         increasing = metric[-1] >= metric[0]
@@ -317,7 +319,7 @@ class StatModel:
             self.target_progress = float(p0 + frac * (self.row_end[e] - p0))
 
     def _row(self, progress: float) -> int:
-        return min(int(np.searchsorted(self.row_end, progress, side="right")), self.rows - 1)
+        return min(bisect_right(self._row_end, progress), self.rows - 1)
 
     def grad_stats(self, global_batch: float, progress: float) -> tuple[float, float]:
         e = self._row(progress)
@@ -528,8 +530,8 @@ class ClusterSim:
         if self.noise:
             util += self.rng.normal(0.0, sp.utilisation_sd)
             noise_scale *= float(self.rng.lognormal(0.0, sp.noise_scale_cv))
-        return Signals(utilisation=float(np.clip(util, 0.0, 1.0)),
-                       free_memory=float(np.clip(1.0 - w.memory_used(s), 0.0, 1.0)),
+        return Signals(utilisation=min(max(float(util), 0.0), 1.0),
+                       free_memory=min(max(1.0 - w.memory_used(s), 0.0), 1.0),
                        comm_latency_ms=1000.0 * net, noise_scale=float(noise_scale))
 
     def step(self, action: "int | str | Setting") -> ChunkResult:
