@@ -178,12 +178,13 @@ class QPolicy(Policy):
     name = "q_learning"
 
     def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0,
-                 reward_form: str = "cost"):
+                 reward_form: str = "cost", cooldown: int = 0):
         self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
+        self.cooldown = int(cooldown)       # decisions kept after a restart (min steps between changes)
 
     def reset(self, sim, lam):
         self.lam, self.prev, self._next = lam, None, None
-        self._masks = {}
+        self._masks, self._wait = {}, 0
 
     def _state(self, signals, sim):
         return encode_state(signals, sim.setting, self.bins, sim.w.limits)
@@ -198,7 +199,13 @@ class QPolicy(Policy):
     def act(self, signals, sim):
         s = self._next if self._next is not None else self._state(signals, sim)
         self._next = None
-        a = self.q.choose(s, self._allowed(sim), explore=self.explore)
+        if self._wait > 0:
+            self._wait -= 1
+            a = 0                                        # keep
+        else:
+            a = self.q.choose(s, self._allowed(sim), explore=self.explore)
+            if ACTIONS[a] in ("precision_low", "precision_full", "workers_up", "workers_down"):
+                self._wait = self.cooldown
         self.prev = (s, a)
         return a
 
@@ -224,7 +231,8 @@ def reward_scale(workload: Workload, lam: float) -> float:
 def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
             bins: Optional[StateBins] = None, alpha: float = 0.1, gamma: float = 0.9,
             eps_start: float = 0.3, eps_end: float = 0.05, hysteresis: float = 0.0,
-            reward_form: str = "cost", exploring_starts: float = 0.5, progress=None) -> QPolicy:
+            reward_form: str = "cost", exploring_starts: float = 0.5, cooldown: int = 0,
+            progress=None) -> QPolicy:
     """Q-learning in the simulator: warm start from the threshold heuristic, ε decaying over
     the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
 
@@ -240,7 +248,7 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
     base = (1.0 if reward_form == "rate" else -1.0) / (1.0 - gamma)
     learner.warm_start(conservative_heuristic(bins), value=0.5, base=base)
     policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam),
-                     reward_form=reward_form)
+                     reward_form=reward_form, cooldown=cooldown)
     rng = np.random.default_rng(seed)
     settings = workload.settings()
     for i in range(episodes):
