@@ -48,7 +48,8 @@ class SchedulerConfig:
     max_batch: Optional[int] = None  # required on a CPU (nothing runs out of memory to stop growth)
     batch_factor: float = 2.0        # batch_up multiplies, batch_down divides by this
     precisions: List[str] = field(default_factory=lambda: ["32-true", "bf16-mixed"])
-    max_workers: int = 1             # workers = local ranks (trainer.devices); 1 = never add any
+    min_workers: int = 1             # workers = local ranks (trainer.devices)
+    max_workers: int = 1             # 1 = never add any
     lr_rule: str = "sqrt"            # LR rescaling when the global batch changes: none|linear|sqrt|adascale
     lam: float = 0.0                 # λ: value of time in J = worker·s + λ·s
     reward_form: str = "rate"        # rate (progress per cost) | cost (negated cost per progress)
@@ -70,7 +71,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         key = "plugins.scheduler."
-        for name in ("every_n_steps", "min_batch", "max_workers", "eps_decay_decisions"):
+        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(key + name, getattr(self, name), "an integer >= 1")
         if self.min_steps_between < 0:
@@ -80,6 +81,8 @@ class SchedulerConfig:
                               "on a CPU, where no out-of-memory error stops a growing batch")
         if self.max_batch is not None and self.max_batch < self.min_batch:
             raise ConfigError(key + "max_batch", self.max_batch, f"an integer >= min_batch ({self.min_batch})")
+        if self.max_workers < self.min_workers:
+            raise ConfigError(key + "max_workers", self.max_workers, f"an integer >= min_workers ({self.min_workers})")
         if not self.batch_factor > 1.0:
             raise ConfigError(key + "batch_factor", self.batch_factor, "a number > 1")
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -109,7 +112,7 @@ class SchedulerConfig:
     def limits(self, start_batch: int) -> Limits:
         return Limits(min_batch=self.min_batch, max_batch=self.max_batch or max(start_batch * 64, 1024),
                       batch_factor=self.batch_factor, precisions=tuple(self.precisions),
-                      min_workers=1, max_workers=self.max_workers)
+                      min_workers=self.min_workers, max_workers=self.max_workers)
 
 
 class SchedulerPlugin(Plugin):
@@ -175,8 +178,10 @@ class SchedulerPlugin(Plugin):
             self._noise.update(grads, self._setting(trainer).global_batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        loss = _loss(outputs)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):  # a dropped batch (out of memory): no step was taken
+            return
+        step, loss = trainer.global_step, float(loss.detach())
         if trainer.is_global_zero:  # the batch as trained (a resize applies from the next one)
             s, b = self._setting(trainer), batch_size(batch)
             self.steps.append({"step": step, "loss": loss, "batch_size": b, "global_batch": b * s.workers,
@@ -325,11 +330,6 @@ class SchedulerPlugin(Plugin):
         for key in ("base_batch", "last_decision_step", "last_change_step", "forced_done", "pending", "scale",
                     "switch_at", "restart_s", "rows", "steps"):
             setattr(self, key, state[key])
-
-
-def _loss(outputs: Any) -> float:
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan")
 
 
 def _lr(trainer) -> float:

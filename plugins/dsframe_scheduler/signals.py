@@ -185,14 +185,20 @@ class GradientNoiseScale:
             self.sq += b * (sq - self.sq)
         self.steps += 1
 
+    def statistics(self) -> tuple[float, float]:
+        """(|G|², tr(Σ)/B) estimated so far; (0, 0) before the first step."""
+        if not self.mean:
+            return 0.0, 0.0
+        n = (2.0 - self.beta) / self.beta
+        mean_sq = float(sum(m.pow(2).sum() for m in self.mean))
+        noise_per_batch = max(0.0, (self.sq - mean_sq) / (1.0 - 1.0 / n))
+        return self.sq - noise_per_batch, noise_per_batch
+
     @property
     def value(self) -> float:
         if self.steps < math.ceil(1.0 / self.beta):
             return 0.0
-        n = (2.0 - self.beta) / self.beta
-        mean_sq = float(sum(m.pow(2).sum() for m in self.mean))
-        noise_per_batch = max(0.0, (self.sq - mean_sq) / (1.0 - 1.0 / n))  # tr(Σ)/B
-        signal = self.sq - noise_per_batch  # |G|²
+        signal, noise_per_batch = self.statistics()
         if signal <= 1e-12 * max(self.sq, 1e-30):
             return float(self.batch * 1e6)  # all noise: as large as we can say
         return float(self.batch * noise_per_batch / signal)
