@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", default=str(DEFAULT_PROFILE),
                     help="this machine's profile folder, used when --traces is not given and it exists")
     ap.add_argument("--seeds", type=int, default=5, help="Q-tables trained / evaluation seeds (>= 5 for results)")
-    ap.add_argument("--episodes", type=int, default=1500, help="training episodes per Q-table")
+    ap.add_argument("--episodes", type=int, default=3000, help="training episodes per Q-table")
     ap.add_argument("--lams", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     ap.add_argument("--policy-out", default=None, help="where to save the Q-table of the first workload at λ=1")
     ap.add_argument("--gamma", type=float, default=0.97,
