@@ -150,7 +150,7 @@ def test_policy_file_starts_the_agent(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_its_q_table_and_setting(tmp_path):
-    args = [*TINY, "+recipe.stages.finetune.plugins=[scheduler]", "trainer.max_epochs=2",
+    args = [*TINY, "+recipe.stages.finetune.plugins=[scheduler]",
             "plugins.scheduler.forced_actions=[precision_low]", "plugins.scheduler.eps_start=1.0",
             "plugins.scheduler.eps_end=1.0", "plugins.scheduler.precisions=[32-true,bf16-mixed]",
             f"hydra.run.dir={tmp_path}"]
@@ -178,8 +178,8 @@ def test_killed_run_resumes_with_its_q_table_and_setting(tmp_path):
     assert after["base_batch"] == before["base_batch"] == 16
     steps = [int(r["step"]) for r in _csv(stage / "scheduler_steps.csv")]
     assert steps == list(range(1, ckpt["global_step"] + 1))  # continuous, none twice
-    assert ckpt["dsframe_progress"]["samples_seen"] == 256  # two epochs, at the sizes the agent chose
-    assert {r["precision"] for r in _csv(stage / "scheduler_steps.csv")[2:]} == {"bf16-mixed"}
+    assert ckpt["dsframe_progress"]["samples_seen"] == 128  # the epoch, at the sizes the agent chose
+    assert _csv(stage / "scheduler_steps.csv")[2]["precision"] == "bf16-mixed"  # the forced switch held
 
 
 # -- out of memory -----------------------------------------------------------------------------
