@@ -27,7 +27,10 @@ def print_catalog() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    # a pipe gets 80 columns from rich: wide enough that an import error stays on one line
+    console = Console(width=None if sys.stdout.isatty() else 120)
     sections = [("recipes", recipes())] + [(kind, reg.describe()) for kind, reg in registry.ALL.items()]
     for kind, rows in sections:
         table = Table(title=kind, title_justify="left", show_header=False, box=None, pad_edge=False)
