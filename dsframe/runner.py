@@ -25,13 +25,14 @@ from dsframe.config.schema import RunSpec
 from dsframe.errors import CheckpointError, ConfigError
 from dsframe.io import write_json, write_text
 from dsframe.models import file_size_mb, load_model, save_model
-from dsframe.plugin import StageContext, order_plugins
+from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
 from dsframe.strategies import forget_previous_job_port
 from dsframe.task import TASKS
 
 log = logging.getLogger("dsframe")
 
 STAGE_FILE = "stage.json"
+SEGMENTS_FILE = "segments.json"  # the trainer settings of each segment of a fit stage after the first
 
 
 def is_done(stage_dir: Path) -> bool:
@@ -110,39 +111,56 @@ class Runner:
                                  for p in ctx.stage.plugins])
         for plugin in plugins:
             model = plugin.transform(model)
-        trainer_cfg = spec.stage_trainer(name)
-        factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
-        factory.validate(spec.strategy, trainer_cfg.devices * trainer_cfg.num_nodes, model,
-                         getattr(dm, "batch_size", None))
-        factory.validate_plugins(spec.strategy, plugins)
-        task = TASKS[spec.recipe.task](model, plugins, spec.stage_optim(name),
-                                       **({"num_classes": dm.num_classes} if spec.recipe.task == "classification" else {}))
+        task = None
         ckpt_dir = ctx.stage_dir / "checkpoints"
-        callbacks = [*plugins, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
-        if trainer_cfg.enable_progress_bar:
-            callbacks.append(RichProgressBar(leave=True))
-        forget_previous_job_port()
-        trainer = pl.Trainer(**dataclasses.asdict(trainer_cfg),
-                             strategy=factory.build(spec.strategy, trainer_cfg), callbacks=callbacks,
-                             logger=CSVLogger(save_dir=ctx.stage_dir, name="logs", version="fit"),
-                             default_root_dir=ctx.stage_dir, enable_model_summary=False)
-        task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
-        resume = ckpt_dir / "last.ckpt"
-        if resume.exists():
-            _check_checkpoint(resume, name, task)
-            log.info("stage %s: resuming from %s", name, resume)
-        trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+        segments = _segments(ctx.stage_dir)
+        while True:  # one Trainer per segment; a plugin ends a segment with ctx.end_segment
+            trainer_cfg = spec.stage_trainer(name, segments[-1]["trainer"] if segments else None)
+            factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
+            factory.validate(spec.strategy, trainer_cfg.devices * trainer_cfg.num_nodes, model,
+                             getattr(dm, "batch_size", None))
+            factory.validate_plugins(spec.strategy, plugins)
+            if task is None:
+                task = TASKS[spec.recipe.task](model, plugins, spec.stage_optim(name),
+                                               **({"num_classes": dm.num_classes} if spec.recipe.task == "classification" else {}))
+            callbacks = [*plugins, SegmentSwitch(ctx),
+                         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                         enable_version_counter=False)]  # segments save last.ckpt too
+            if trainer_cfg.enable_progress_bar:
+                callbacks.append(RichProgressBar(leave=True))
+            forget_previous_job_port()
+            version = "fit" if not segments else f"fit-{len(segments)}"  # a CSVLogger clears its version
+            trainer = pl.Trainer(**dataclasses.asdict(trainer_cfg),
+                                 strategy=factory.build(spec.strategy, trainer_cfg), callbacks=callbacks,
+                                 logger=CSVLogger(save_dir=ctx.stage_dir, name="logs", version=version),
+                                 default_root_dir=ctx.stage_dir, enable_model_summary=False)
+            task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
+            resume = _resume_checkpoint(ckpt_dir, name, task)
+            if resume is not None:
+                log.info("stage %s: resuming from %s", name, resume)
+            trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
+            request = _segment_request(ctx.stage_dir, segments)
+            if request is None:
+                break
+            segments.append({"start_step": request["global_step"], "reason": request.get("reason", ""),
+                             "trainer": {**(segments[-1]["trainer"] if segments else {}), **request["trainer"]}})
+            log.info("stage %s: segment %d from step %d with %s (%s)", name, len(segments), request["global_step"],
+                     request["trainer"], request.get("reason", ""))
+            if rank_zero_only.rank == 0:
+                write_json(ctx.stage_dir / SEGMENTS_FILE, segments)
         metrics = {"fit": _scalars(trainer.callback_metrics)}
         for plugin in plugins:
             model = plugin.finalize(model)
         task.model = model
         if ctx.stage.test:
-            metrics["test"] = self.test(task, trainer_cfg, ctx)
+            metrics["test"] = self.test(task, spec.stage_trainer(name), ctx)
         metrics["params"] = sum(p.numel() for p in model.parameters())
         if rank_zero_only.rank == 0:
             path = save_model(model, ctx.stage_dir / "model.pt", meta={"stage": name, "recipe": spec.recipe.name})
             metrics["model_mb"] = round(file_size_mb(path), 3)
-            _plot_curves(ctx.stage_dir / "logs" / "fit" / "metrics.csv", ctx.stage_dir / "curves.png", name)
+            logs = [ctx.stage_dir / "logs" / ("fit" if i == 0 else f"fit-{i}") / "metrics.csv"
+                    for i in range(len(segments) + 1)]
+            _plot_curves(logs, ctx.stage_dir / "curves.png", name)
         return metrics
 
     def test(self, task: pl.LightningModule, trainer_cfg: Any, ctx: StageContext) -> dict:
@@ -187,12 +205,21 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> None:
+def _resume_checkpoint(ckpt_dir: Path, stage: str, task: torch.nn.Module) -> Path | None:
+    """The checkpoint to continue from: ``last.ckpt``, or the checkpoint taken at a segment switch
+    when it is at least as far (the ending Trainer rewrites ``last.ckpt`` at the same step, but
+    as a finished fit that would start the next epoch)."""
+    found = [(_check_checkpoint(ckpt_dir / f, stage, task), f == SEGMENT_CHECKPOINT, ckpt_dir / f)
+             for f in ("last.ckpt", SEGMENT_CHECKPOINT) if (ckpt_dir / f).exists()]
+    return max(found)[2] if found else None
+
+
+def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> int:
     """Read the checkpoint's tensor shapes once (weights only) so a damaged file, or one written by
-    a differently shaped model, is named in one line instead of a stack trace. A folder is a
-    distributed (DCP) checkpoint of a parallel run; only its metadata is read."""
+    a differently shaped model, is named in one line instead of a stack trace; returns its global
+    step. A folder is a distributed (DCP) checkpoint of a parallel run; only its metadata is read."""
     try:
-        shapes = _dcp_shapes(path) if path.is_dir() else _file_shapes(path)
+        shapes, step = _dcp_shapes(path) if path.is_dir() else _file_shapes(path)
     except Exception as exc:  # any unreadable file ends the same way
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot resume stage '{stage}' from {path}: the file is damaged or not a "
@@ -206,26 +233,50 @@ def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> None:
                 if differ else f"{len(missing)} of the model's {len(expected)} tensors are not in it (e.g. {missing[0]})")
         raise CheckpointError(f"cannot resume stage '{stage}' from {path}: it was written by a differently "
                               f"shaped model ({what}). Delete it to restart the stage; earlier stages are kept.")
+    return step
 
 
-def _file_shapes(path: Path) -> dict[str, tuple]:
+def _file_shapes(path: Path) -> tuple[dict[str, tuple], int]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError("no state_dict inside")
-    return {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return shapes, int(ckpt.get("global_step", 0))
 
 
-def _dcp_shapes(path: Path) -> dict[str, tuple]:
+def _dcp_shapes(path: Path) -> tuple[dict[str, tuple], int]:
     from torch.distributed.checkpoint import FileSystemReader
 
     from dsframe.parallel.checkpoint import META, is_distributed_checkpoint
 
     if not is_distributed_checkpoint(path):
         raise ValueError("a folder without the .metadata of a distributed checkpoint")
-    torch.load(path / META, map_location="cpu", weights_only=True)  # Lightning's loop state must read too
+    meta = torch.load(path / META, map_location="cpu", weights_only=True)  # Lightning's loop state must read too
     prefix = "state_dict."
-    return {k[len(prefix):]: tuple(m.size) for k, m in FileSystemReader(str(path)).read_metadata()
-            .state_dict_metadata.items() if k.startswith(prefix) and hasattr(m, "size")}
+    shapes = {k[len(prefix):]: tuple(m.size) for k, m in FileSystemReader(str(path)).read_metadata()
+              .state_dict_metadata.items() if k.startswith(prefix) and hasattr(m, "size")}
+    return shapes, int(meta.get("global_step", 0)) if isinstance(meta, dict) else 0
+
+
+def _segments(stage_dir: Path) -> list[dict]:
+    """The segments a stage has switched to so far (a rerun continues in the last one's settings)."""
+    path = stage_dir / SEGMENTS_FILE
+    segments = json.loads(path.read_text()) if path.exists() else []
+    request = _segment_request(stage_dir, segments)
+    if request is not None:  # asked for, checkpointed, but killed before the ledger was written
+        segments.append({"start_step": request["global_step"], "reason": request.get("reason", ""),
+                         "trainer": {**(segments[-1]["trainer"] if segments else {}), **request["trainer"]}})
+    return segments
+
+
+def _segment_request(stage_dir: Path, segments: list[dict]) -> dict | None:
+    """A request for a new segment not yet acted on (the file stays: every process reads it)."""
+    path = stage_dir / SEGMENT_REQUEST
+    if not path.exists():
+        return None
+    request = json.loads(path.read_text())
+    started = [s["start_step"] for s in segments]
+    return request if not started or request["global_step"] > started[-1] else None
 
 
 def _read_metrics(stage_dir: Path) -> dict:
@@ -233,10 +284,8 @@ def _read_metrics(stage_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _plot_curves(csv_path: Path, png: Path, title: str) -> None:
-    """Training loss and validation metrics against steps, for people who would rather look."""
-    if not csv_path.exists():
-        return
+def _plot_curves(csv_paths: list[Path], png: Path, title: str) -> None:
+    """Training loss and validation metrics against steps (over all segments of the stage)."""
     import csv
 
     import matplotlib
@@ -245,14 +294,17 @@ def _plot_curves(csv_path: Path, png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, list[tuple[float, float]]] = {}
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            step = row.get("step")
-            for key, value in row.items():
-                if key in ("step", "epoch") or not value or not step:
-                    continue
-                if key.startswith(("train/loss", "val/")):
-                    series.setdefault(key, []).append((float(step), float(value)))
+    for csv_path in csv_paths:
+        if not csv_path.exists():
+            continue
+        with open(csv_path) as f:
+            for row in csv.DictReader(f):
+                step = row.get("step")
+                for key, value in row.items():
+                    if key in ("step", "epoch") or not value or not step:
+                        continue
+                    if key.startswith(("train/loss", "val/")):
+                        series.setdefault(key, []).append((float(step), float(value)))
     if not series:
         return
     fig, ax = plt.subplots(figsize=(7, 4))

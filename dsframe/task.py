@@ -16,6 +16,7 @@ import torchmetrics
 from torch import nn
 
 from dsframe.batch import accepted_inputs, batch_size, model_inputs
+from dsframe.data import sync_epoch_length, train_batch_sampler
 from dsframe.errors import ConfigError
 
 
@@ -35,6 +36,12 @@ class OptimConfig:
 
 
 class Task(pl.LightningModule):
+    """Training progress is counted in *samples*, not optimizer steps: ``samples_seen`` of
+    ``total_samples`` (fixed when training first starts: the stage's estimated optimizer steps
+    × the global batch then). The LR schedule and step-count plugins (prune) read ``progress``,
+    so they stay right when the batch size changes mid-stage; ``lr_scale`` multiplies the
+    scheduled LR (a batch-size change rescales it). All three are in the checkpoint."""
+
     kind: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, plugins: Sequence = (), optim: OptimConfig | None = None):
@@ -43,6 +50,49 @@ class Task(pl.LightningModule):
         self.plugins = list(plugins)  # not submodules: their state (e.g. a teacher) stays out of checkpoints
         self.optim = optim or OptimConfig()
         self._inputs = accepted_inputs(model)
+        self.samples_seen = 0
+        self.total_samples = 0
+        self.lr_scale = 1.0
+        self._restored_global_batch = 0
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the stage's training done, in samples (0 before the schedule is known)."""
+        return min(1.0, self.samples_seen / self.total_samples) if self.total_samples else 0.0
+
+    def on_train_start(self) -> None:
+        sampler = train_batch_sampler(self.trainer)
+        if sampler is not None and self._restored_global_batch:
+            # Lightning restores a loader's position only inside an epoch; the batch size must
+            # survive an epoch-end checkpoint too (the global batch: the rank count may differ)
+            sampler.set_batch_size(max(1, self._restored_global_batch // self.trainer.world_size))
+        self._restored_global_batch = 0
+        sync_epoch_length(self.trainer)  # a restored loader position changes the epoch's length
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        sampler = train_batch_sampler(self.trainer)
+        if sampler is not None:
+            sampler.mark_consumed(batch_idx)
+            sync_epoch_length(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sampler = train_batch_sampler(self.trainer)
+        global_batch = sampler.state_dict()["global_batch_size"] if sampler is not None else 0
+        checkpoint["dsframe_progress"] = {"samples_seen": self.samples_seen, "total_samples": self.total_samples,
+                                          "lr_scale": self.lr_scale, "global_batch": global_batch}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("dsframe_progress")
+        if state:
+            self.samples_seen, self.total_samples = int(state["samples_seen"]), int(state["total_samples"])
+            self.lr_scale = float(state["lr_scale"])
+            self._restored_global_batch = int(state.get("global_batch", 0))
+
+    def _global_batch(self) -> int:
+        sampler = train_batch_sampler(self.trainer)
+        loader = self.trainer.train_dataloader
+        local = sampler.batch_size if sampler is not None else getattr(loader, "batch_size", None) or 1
+        return local * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**model_inputs(batch, self._inputs))
@@ -51,13 +101,21 @@ class Task(pl.LightningModule):
         """Cross-entropy over the last dimension: [B, C] class logits or [B, T, V] token logits."""
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        loss = self.compute_loss(logits, batch)
-        for plugin in self.plugins:
-            new = plugin.loss(self, batch, logits, loss)
-            if new is not None:
-                loss = new
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        try:
+            logits = self(batch)
+            loss = self.compute_loss(logits, batch)
+            for plugin in self.plugins:
+                new = plugin.loss(self, batch, logits, loss)
+                if new is not None:
+                    loss = new
+        except Exception as exc:  # out of memory: a plugin may back off (smaller batch) and go on
+            if not is_out_of_memory(exc) or not any([p.on_oom(self.trainer, self, batch) for p in self.plugins]):
+                raise
+            # Lightning skips the optimizer step of this batch; its samples are not counted.
+            # (One process only: under DDP the other ranks would wait in the gradient all-reduce.)
+            return None
+        self.samples_seen += batch_size(batch) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
         return loss
@@ -71,13 +129,19 @@ class Task(pl.LightningModule):
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.optim.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * self.optim.warmup_ratio)
+        if not self.total_samples:  # the first segment fixes the schedule's length
+            self.total_samples = max(1, int(self.trainer.estimated_stepping_batches)) * self._global_batch()
+        warmup = self.optim.warmup_ratio
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
+        def schedule(_step: int) -> float:
+            # by samples, so the curve is the same whatever the batch size (the step is ignored):
+            # linear warm-up to the LR of the next batch, then linear decay to 0 at total_samples
+            seen, total, batch = self.samples_seen, self.total_samples, self._global_batch()
+            if seen < warmup * total:
+                factor = min(1.0, (seen + batch) / (warmup * total + batch))
+            else:
+                factor = max(0.0, (total - seen) / max(1.0, total * (1.0 - warmup)))
+            return factor * self.lr_scale
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -133,6 +197,37 @@ class LMTask(Task):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (CUDA) or host (CPU allocator) out-of-memory error."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+LR_RULES = ("none", "linear", "sqrt", "adascale")
+
+
+def lr_scale_for(rule: str, batch: int, base_batch: int, noise_scale: float = 0.0) -> float:
+    """LR multiplier for a global batch ``batch`` trained with an LR tuned at ``base_batch``.
+
+    ``linear`` (Goyal et al.): B/B0. ``sqrt`` (Krizhevsky; usual for Adam): sqrt(B/B0).
+    ``adascale`` (Johnson et al. 2020, as Pollux uses it): the gain, written with the gradient
+    noise scale B_noise = tr(Σ)/|G|², r = B(B_noise + B0) / (B0(B_noise + B)), between 1 (no noise: a bigger batch adds nothing) and B/B0 (pure noise: linear); without
+    an estimate (``noise_scale`` <= 0) it falls back to ``sqrt``.
+    """
+    if rule not in LR_RULES:
+        raise ConfigError("lr_rule", rule, f"one of {', '.join(LR_RULES)}")
+    k = batch / base_batch
+    if rule == "none":
+        return 1.0
+    if rule == "linear":
+        return k
+    if rule == "adascale" and noise_scale > 0:
+        return batch * (noise_scale + base_batch) / (base_batch * (noise_scale + batch))
+    return math.sqrt(k)
 
 
 TASKS = {cls.kind: cls for cls in (ClassificationTask, LMTask)}

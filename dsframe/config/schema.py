@@ -132,9 +132,10 @@ class RunSpec:
     seed: int
     threads: Optional[int]
 
-    def stage_trainer(self, stage: str) -> TrainerConfig:
+    def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
+        """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
         base = OmegaConf.to_container(OmegaConf.structured(self.trainer))
-        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer},
+        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer, **(segment or {})},
                             f"recipe.stages.{stage}.trainer")
 
     def stage_optim(self, stage: str) -> OptimConfig:
@@ -186,7 +187,8 @@ def validate(cfg: DictConfig) -> RunSpec:
                               f"an earlier stage: {', '.join(seen) or '(none: this is the first stage)'}")
         for plugin in stage.plugins:
             cls = registry.plugins.get(plugin, key=f"{where}.plugins")
-            spec.plugins.setdefault(plugin, cls.Config())
+            if plugin not in spec.plugins:  # no options given: the Config defaults (may be refused)
+                spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
         spec.stage_trainer(name)
         spec.stage_optim(name)
         seen.append(name)

@@ -3,8 +3,8 @@
 Importance of a head / channel = (1 - taylor_weight) * L1 + taylor_weight * Taylor, each term
 normalised by its per-layer mean; L1 = sum |w| over the structure's weights, Taylor = running
 mean over training steps of sum |w * dL/dw|. During the stage the pruned fraction follows a
-cubic schedule (Zhu & Gupta 2017) from 0 at ``start_fraction`` of the stage's optimizer steps
-to ``amount`` at ``end_fraction``; pruned structures are zeroed (masked) after every step.
+cubic schedule (Zhu & Gupta 2017) from 0 at ``start_fraction`` of the stage's training (in
+samples: the task's ``progress``) to ``amount`` at ``end_fraction``; pruned structures are zeroed (masked) after every step.
 ``finalize`` reaches the final amount (even if training stopped early) and slices the
 weights, so the saved model is physically smaller and reloads at its own shapes.
 """
@@ -67,8 +67,9 @@ class PruneConfig:
         return self.amount if self.ffn_amount is None else self.ffn_amount
 
 
-def cubic_schedule(step: int, start: int, end: int, final: float) -> float:
-    """Pruned fraction at ``step``: 0 before ``start``, ``final`` from ``end`` on, cubic between."""
+def cubic_schedule(step: float, start: float, end: float, final: float) -> float:
+    """Pruned fraction at ``step`` (a step count or a fraction of training): 0 before ``start``,
+    ``final`` from ``end`` on, cubic between."""
     if step < start:
         return 0.0
     if step >= end or end <= start:
@@ -144,12 +145,16 @@ class PrunePlugin(Plugin):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        total = self.total_steps or max(1, int(trainer.estimated_stepping_batches))
-        start = int(self.config.start_fraction * total)
-        end = int(self.config.end_fraction * total)
-        if step % self.config.every_n_steps == 0 or step >= end:
-            hf = cubic_schedule(step, start, end, self.config.heads)
-            ff = cubic_schedule(step, start, end, self.config.ffn)
+        # training progress: in samples when the task counts them (dsframe's Task.progress), so the
+        # schedule stays right when the batch size changes mid-stage; else in optimizer steps
+        progress = getattr(pl_module, "progress", None)
+        if progress is None or not getattr(pl_module, "total_samples", 0):
+            total = self.total_steps or max(1, int(trainer.estimated_stepping_batches))
+            progress = step / total
+        start, end = self.config.start_fraction, self.config.end_fraction
+        if step % self.config.every_n_steps == 0 or progress >= end:
+            hf = cubic_schedule(progress, start, end, self.config.heads)
+            ff = cubic_schedule(progress, start, end, self.config.ffn)
             if self.update_masks(hf, ff):
                 self.history.append({"step": step, "head_fraction": hf, "ffn_fraction": ff,
                                      "heads_kept": self.kept()[0], "ffn_kept": self.kept()[1]})

@@ -1,0 +1,344 @@
+"""scheduler: a Q-learning agent that changes the running job's batch size, precision and worker
+count (see docs/scheduler.md).
+
+Every ``every_n_steps`` optimizer steps rank 0 reads the signals (utilisation, free memory, comm
+latency, gradient noise scale), encodes the state, rewards the previous decision with the
+training progress it bought per unit of cost J = worker·s + λ·s (restart time charged), updates
+the Q-table and picks an action (ε-greedy among the actions the guard rails allow, with
+hysteresis and a cooldown). The decision is broadcast and every rank applies it: a batch change
+in place, mid-epoch; a precision or worker change by ending the stage's segment so the runner
+continues it in a new Trainer. The Q-table, ε, counters and the record live in the Lightning
+checkpoint; ``policy=PATH`` starts from a trained Q-table (e.g. learned in the simulator).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+import torch
+
+from dsframe.batch import batch_size
+from dsframe.errors import ConfigError
+from dsframe.plugin import Plugin
+from dsframe.task import LR_RULES
+
+from dsframe_scheduler.agent import (ACTIONS, PRECISIONS, REWARD_FORMS, Limits, QLearner, Setting, Signals,
+                                     StateBins, allowed_actions, conservative_heuristic, decode_state,
+                                     encode_state, n_states, next_setting, reward)
+
+log = logging.getLogger("dsframe.scheduler")
+__all__ = ["SchedulerPlugin", "SchedulerConfig"]
+
+
+def _gpu_available() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@dataclass
+class SchedulerConfig:
+    every_n_steps: int = 20          # a decision every n optimizer steps
+    min_steps_between: int = 20      # cooldown: no change within n steps of the last one
+    min_batch: int = 1               # per-worker batch size guard rails
+    max_batch: Optional[int] = None  # required on a CPU (nothing runs out of memory to stop growth)
+    batch_factor: float = 2.0        # batch_up multiplies, batch_down divides by this
+    precisions: List[str] = field(default_factory=lambda: ["32-true", "bf16-mixed"])
+    min_workers: int = 1             # workers = local ranks (trainer.devices)
+    max_workers: int = 1             # 1 = never add any
+    lr_rule: str = "sqrt"            # LR rescaling when the global batch changes: none|linear|sqrt|adascale
+    lam: float = 0.0                 # λ: value of time in J = worker·s + λ·s
+    reward_form: str = "rate"        # rate (progress per cost) | cost (negated cost per progress)
+    alpha: float = 0.1
+    gamma: float = 0.9
+    eps_start: float = 0.3
+    eps_end: float = 0.05
+    eps_decay_decisions: int = 200
+    hysteresis: float = 0.05         # another action replaces keep only if better by this fraction
+    warm_start: bool = True          # the article's conservative start: utilisation > threshold -> scale up
+    utilisation_threshold: float = 0.7
+    policy: Optional[str] = None     # a trained Q-table (JSON policy file) to start from
+    learn: bool = True               # update the Q-table during the run
+    forced_actions: List[str] = field(default_factory=list)  # demo: the first decisions take these actions
+    bins: Dict[str, Any] = field(default_factory=dict)        # StateBins overrides
+    monitor: Optional[str] = None    # "module:factory" of a device monitor; null = NVML / this CPU
+    oom_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        key = "plugins.scheduler."
+        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(key + name, getattr(self, name), "an integer >= 1")
+        if self.min_steps_between < 0:
+            raise ConfigError(key + "min_steps_between", self.min_steps_between, "an integer >= 0")
+        if self.max_batch is None and not _gpu_available():
+            raise ConfigError(key + "max_batch", None, f"an integer >= min_batch ({self.min_batch}): required "
+                              "on a CPU, where no out-of-memory error stops a growing batch")
+        if self.max_batch is not None and self.max_batch < self.min_batch:
+            raise ConfigError(key + "max_batch", self.max_batch, f"an integer >= min_batch ({self.min_batch})")
+        if self.max_workers < self.min_workers:
+            raise ConfigError(key + "max_workers", self.max_workers, f"an integer >= min_workers ({self.min_workers})")
+        if not self.batch_factor > 1.0:
+            raise ConfigError(key + "batch_factor", self.batch_factor, "a number > 1")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if not self.precisions or bad:
+            raise ConfigError(key + "precisions", list(self.precisions), f"a non-empty list of {', '.join(PRECISIONS)}")
+        if self.lr_rule not in LR_RULES:
+            raise ConfigError(key + "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
+        if self.reward_form not in REWARD_FORMS:
+            raise ConfigError(key + "reward_form", self.reward_form, f"one of {', '.join(REWARD_FORMS)}")
+        if self.lam < 0:
+            raise ConfigError(key + "lam", self.lam, "a number >= 0")
+        for name, lo, hi in (("alpha", 0.0, 1.0), ("gamma", 0.0, 0.999999), ("eps_start", 0.0, 1.0),
+                             ("eps_end", 0.0, self.eps_start), ("utilisation_threshold", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not lo <= value <= hi or (name == "alpha" and value == 0):
+                raise ConfigError(key + name, value, f"a number in {'(' if name == 'alpha' else '['}{lo}, {hi:g}]")
+        if self.hysteresis < 0:
+            raise ConfigError(key + "hysteresis", self.hysteresis, "a number >= 0")
+        for action in self.forced_actions:
+            if action not in ACTIONS:
+                raise ConfigError(key + "forced_actions", action, f"actions among {', '.join(ACTIONS)}")
+        try:
+            StateBins.from_dict(dict(self.bins))
+        except ConfigError as exc:
+            raise ConfigError(key + exc.key, exc.value, exc.allowed) from None
+
+    def limits(self, start_batch: int) -> Limits:
+        return Limits(min_batch=self.min_batch, max_batch=self.max_batch or max(start_batch * 64, 1024),
+                      batch_factor=self.batch_factor, precisions=tuple(self.precisions),
+                      min_workers=self.min_workers, max_workers=self.max_workers)
+
+
+class SchedulerPlugin(Plugin):
+    name: ClassVar[str] = "scheduler"
+    description: ClassVar[str] = ("Q-learning scheduler: changes batch size (mid-epoch), precision and "
+                                  "workers of the running job")
+    Config: ClassVar[type] = SchedulerConfig
+
+    def __init__(self, config: SchedulerConfig, context=None):
+        super().__init__(config, context)
+        self.bins = StateBins.from_dict(dict(config.bins))
+        self.learner = self._make_learner()
+        self.base_batch = 0               # global batch the LR was tuned at (the first segment's)
+        self.last_decision_step = 0
+        self.last_change_step = -10**9
+        self.forced_done = 0
+        self.pending: Optional[dict] = None   # the last decision, waiting for its reward
+        self.scale = 0.0                  # progress per cost of the first interval: rewards near 1
+        self.switch_at: Optional[float] = None
+        self.restart_s = 0.0
+        self.rows: list[dict] = []        # decisions
+        self.steps: list[dict] = []       # per-step setting and loss
+        self._monitor = None
+        self._noise = None
+        self._oom = False
+
+    # -- agent ------------------------------------------------------------------------------
+    def _make_learner(self) -> QLearner:
+        c = self.config
+        if c.policy:
+            learner = QLearner.load(c.policy, bins=self.bins)
+            learner.hyper.alpha, learner.hyper.gamma = c.alpha, c.gamma
+            return learner
+        learner = QLearner(n_states(self.bins), alpha=c.alpha, gamma=c.gamma, eps_start=c.eps_start,
+                           eps_end=c.eps_end, eps_decay_decisions=c.eps_decay_decisions, seed=c.seed,
+                           hysteresis=c.hysteresis, bins=self.bins)
+        if c.warm_start:
+            # rewards are near 1 at the start setting, so values near 1/(1-γ)
+            learner.warm_start(conservative_heuristic(self.bins, c.utilisation_threshold), value=0.5,
+                               base=1.0 / (1.0 - c.gamma))
+        return learner
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        from dsframe_scheduler.signals import GradientNoiseScale, load_monitor
+
+        self._monitor = load_monitor(self.config.monitor, trainer.strategy.root_device)
+        self._noise = GradientNoiseScale()
+        setting = self._setting(trainer)
+        self.limits = self.config.limits(setting.batch_size)
+        if not self.base_batch:
+            self.base_batch = setting.global_batch
+        if self.switch_at is not None:  # a segment switch: its cost is charged to the pending decision
+            self.restart_s += max(0.0, time.time() - self.switch_at)
+            self.switch_at = None
+        if self.pending is not None:
+            self.pending["t0"] = time.time()  # the interval's training time starts now
+        self.last_decision_step = max(self.last_decision_step, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.is_global_zero and self._noise is not None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self._noise.update(grads, self._setting(trainer).global_batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):  # a dropped batch (out of memory): no step was taken
+            return
+        step, loss = trainer.global_step, float(loss.detach())
+        if trainer.is_global_zero:  # the batch as trained (a resize applies from the next one)
+            s, b = self._setting(trainer), batch_size(batch)
+            self.steps.append({"step": step, "loss": loss, "batch_size": b, "global_batch": b * s.workers,
+                               "precision": s.precision, "workers": s.workers, "lr": _lr(trainer)})
+        if step - self.last_decision_step >= self.config.every_n_steps:
+            self.last_decision_step = step
+            self.decide(trainer, pl_module, loss)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_oom(self, trainer, task, batch) -> bool:
+        """Back the batch off by ``batch_factor`` (not below min_batch) and go on."""
+        old = self._setting(trainer)
+        new = next_setting(old, "batch_down", self.limits)
+        if new == old:
+            return False
+        from dsframe_scheduler.actions import apply
+
+        apply(new, old, trainer, task, self.context, self.config.lr_rule, self.base_batch, 0.0, "oom")
+        self._oom = True
+        self.last_change_step = trainer.global_step
+        self.rows.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": time.time(),
+                          "action": "oom_backoff", "how": "oom", "batch_size": old.batch_size,
+                          "precision": old.precision, "workers": old.workers, "new_batch_size": new.batch_size,
+                          "new_precision": new.precision, "new_workers": new.workers, "applied": "batch"})
+        log.warning("scheduler: out of memory at step %d: batch %d -> %d", trainer.global_step,
+                    old.batch_size, new.batch_size)
+        self._write(trainer)
+        return True
+
+    # -- one decision -------------------------------------------------------------------------
+    def signals(self, trainer) -> Signals:
+        """A reading of every signal (collective: all ranks call it at the same step)."""
+        from dsframe_scheduler.signals import comm_latency_ms
+
+        probe = getattr(self._monitor, "comm_latency_ms", None)
+        latency = probe(trainer) if callable(probe) else comm_latency_ms(trainer)
+        return Signals(utilisation=float(self._monitor.utilisation()), free_memory=float(self._monitor.free_memory()),
+                       comm_latency_ms=float(latency), noise_scale=float(self._noise.value if self._noise else 0.0))
+
+    def decide(self, trainer, pl_module, loss: float) -> str:
+        signals = self.signals(trainer)
+        old = self._setting(trainer)
+        decision = None
+        if trainer.is_global_zero:
+            decision = self._choose(trainer, pl_module, signals, old, loss)
+        decision = trainer.strategy.broadcast(decision, src=0)
+        new = Setting(*decision["new"])
+        from dsframe_scheduler.actions import apply
+
+        kind = "none" if new == old else "batch" if (new.workers, new.precision) == (old.workers, old.precision) \
+            else "segment"
+        if new != old:
+            self.last_change_step = trainer.global_step
+        if kind == "segment":
+            self.switch_at = time.time()
+        if trainer.is_global_zero:  # before apply: a segment switch checkpoints the record
+            self.rows[-1]["applied"] = kind
+            self._write(trainer)
+        return apply(new, old, trainer, pl_module, self.context, self.config.lr_rule, self.base_batch,
+                     signals.noise_scale, decision["action"])
+
+    def _choose(self, trainer, pl_module, signals: Signals, old: Setting, loss: float) -> dict:
+        c, now = self.config, time.time()
+        state = encode_state(signals, old, self.bins, self.limits)
+        allowed = allowed_actions(old, self.limits)
+        samples = int(getattr(pl_module, "samples_seen", trainer.global_step * old.global_batch))
+        r = td = None
+        if self.pending is not None:
+            p = self.pending
+            seconds = max(1e-6, now - p["t0"])
+            progress = (samples - p["samples"]) * _efficiency(signals.noise_scale, old.global_batch, self.base_batch)
+            if not self.scale and progress > 0:
+                self.scale = progress / (seconds * (old.workers + c.lam))
+            r = reward(progress, old.workers * seconds, seconds, c.lam, restart_seconds=self.restart_s,
+                       oom=self._oom, diverged=not math.isfinite(loss), restart_workers=old.workers,
+                       scale=self.scale or 1.0, penalty=c.oom_penalty, form=c.reward_form)
+            if c.learn:
+                td = self.learner.update(p["state"], p["action"], r, state, allowed)
+        if trainer.global_step - self.last_change_step < c.min_steps_between:
+            action, how = 0, "cooldown"
+        elif self.forced_done < len(c.forced_actions):
+            action, how = ACTIONS.index(c.forced_actions[self.forced_done]), "forced"
+            self.forced_done += 1
+        else:
+            greedy = self.learner.greedy(state, allowed)
+            action = self.learner.choose(state, allowed, explore=c.learn)
+            how = "greedy" if action == greedy else "explore"
+        new = next_setting(old, action, self.limits)
+        self.rows.append({
+            "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": state,
+            "state_view": "/".join(str(v) for v in decode_state(state, self.bins)), "action": ACTIONS[action],
+            "how": how, "reward": "" if r is None else round(r, 5), "td_error": "" if td is None else round(td, 5),
+            "epsilon": round(self.learner.epsilon, 4),
+            "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[state]) + "]",
+            "batch_size": old.batch_size, "precision": old.precision, "workers": old.workers,
+            "new_batch_size": new.batch_size, "new_precision": new.precision, "new_workers": new.workers,
+            "utilisation": round(signals.utilisation, 4), "free_memory": round(signals.free_memory, 4),
+            "comm_latency_ms": round(signals.comm_latency_ms, 4), "noise_scale": round(signals.noise_scale, 2),
+            "loss": round(loss, 5), "lr": _lr(trainer), "restart_s": round(self.restart_s, 3)})
+        metrics = {"scheduler/action": float(action), "scheduler/epsilon": self.learner.epsilon,
+                   "scheduler/global_batch": float(new.global_batch), "scheduler/workers": float(new.workers),
+                   "scheduler/low_precision": float(new.low_precision), "scheduler/state": float(state)}
+        if r is not None:
+            metrics["scheduler/reward"] = float(r)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        log.info("scheduler: step %d state %d %s -> %s (%s), reward %s", trainer.global_step, state,
+                 ACTIONS[action], new, how, r)
+        self.pending = {"state": state, "action": action, "t0": time.time(), "samples": samples}
+        self.restart_s, self._oom = 0.0, False
+        return {"action": ACTIONS[action], "new": (new.batch_size, new.precision, new.workers)}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _setting(self, trainer) -> Setting:
+        from dsframe_scheduler.actions import current_setting
+
+        return current_setting(trainer)
+
+    def _write(self, trainer) -> None:
+        if not trainer.is_global_zero or self.context is None:
+            return
+        from dsframe_scheduler.report import DECISION_FIELDS, STEP_FIELDS, write_csv
+
+        write_csv(self.context.stage_dir / "decisions.csv", DECISION_FIELDS, self.rows)
+        write_csv(self.context.stage_dir / "scheduler_steps.csv", STEP_FIELDS, self.steps)
+
+    def finalize(self, model):
+        """Runs in the launching process after the last segment: draw the record the ranks wrote."""
+        if self.context is not None:
+            from dsframe_scheduler.report import plot
+
+            plot(self.context.stage_dir, self.context.stage_dir / "scheduler.png")
+        return model
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict(), "base_batch": self.base_batch,
+                "last_decision_step": self.last_decision_step, "last_change_step": self.last_change_step,
+                "forced_done": self.forced_done, "pending": self.pending, "scale": self.scale,
+                "switch_at": self.switch_at, "restart_s": self.restart_s, "rows": self.rows, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"], source="checkpoint")
+        for key in ("base_batch", "last_decision_step", "last_change_step", "forced_done", "pending", "scale",
+                    "switch_at", "restart_s", "rows", "steps"):
+            setattr(self, key, state[key])
+
+
+def _lr(trainer) -> float:
+    return float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0
+
+
+def _efficiency(noise_scale: float, batch: int, base: int) -> float:
+    """Pollux's statistical efficiency of batch B relative to B0: (B_noise + B0)/(B_noise + B);
+    1 when the noise scale is unknown."""
+    if noise_scale <= 0 or not base:
+        return 1.0
+    return (noise_scale + base) / (noise_scale + batch)

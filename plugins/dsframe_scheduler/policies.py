@@ -1,0 +1,303 @@
+"""The scheduling policies the benchmark compares, all driving a :class:`ClusterSim`.
+
+- :class:`Static` — one setting for the whole job (the user's default, or the best one in
+  hindsight, found by :func:`best_static`).
+- :class:`ThresholdRule` — the article's rule: utilisation above 70 % scales up (another
+  worker; a larger batch once workers are at their maximum), below ``low`` scales down,
+  almost no free memory halves the batch; then a cooldown of some decisions.
+- :class:`GoodputRule` — Pollux-style: goodput = throughput × statistical efficiency, the
+  efficiency from the measured gradient noise scale; it picks the (batch, workers) with the
+  least predicted cost per unit of progress and moves only if the predicted gain is ≥ 5 % and
+  pays back the restart over the rest of the job. The LR follows AdaScale (the simulator's
+  progress model is AdaScale's gain, for every policy alike).
+- :class:`QPolicy` — the shared tabular Q-learner (:mod:`dsframe_scheduler.agent`), trained
+  by :func:`train_q` in the simulator, evaluated greedily on fresh seeds.
+- :class:`Oracle` — perfect foresight: dynamic programming over every setting at every
+  decision point on the noise-free cost model of the very run (its interference included);
+  it picks its first setting freely, as the best static setting does.
+
+:func:`run_episode` plays a policy for one job and returns its cost J = worker·s + λ·s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from dsframe_scheduler.agent import (
+    ACTIONS, FULL_PRECISION, QLearner, Setting, Signals, StateBins, allowed_actions,
+    conservative_heuristic, encode_state, n_states, next_setting, reward,
+)
+from dsframe_scheduler.simulator import ClusterSim, Workload
+
+__all__ = ["Policy", "Static", "ThresholdRule", "GoodputRule", "QPolicy", "Oracle",
+           "run_episode", "best_static", "train_q", "Episode", "expected_cost"]
+
+
+@dataclass
+class Episode:
+    cost: float
+    seconds: float
+    worker_seconds: float
+    restarts: int
+    ooms: int
+    actions: list
+    settings: list
+
+
+class Policy:
+    name = "policy"
+    start: Optional[Setting] = None          # None: the workload's static default
+
+    def reset(self, sim: ClusterSim, lam: float) -> None:
+        pass
+
+    def act(self, signals: Signals, sim: ClusterSim):
+        """An action (index or name), or a Setting to jump to (one restart at most)."""
+        raise NotImplementedError
+
+    def observe(self, result, signals_next: Signals, sim: ClusterSim) -> None:
+        pass
+
+
+def run_episode(workload: Workload, policy: Policy, lam: float, seed: int, noise: bool = True,
+                start_chunk: int = 0) -> Episode:
+    sim = ClusterSim(workload, seed=seed, noise=noise, start=policy.start, start_chunk=start_chunk)
+    policy.reset(sim, lam)
+    cost = seconds = worker_seconds = 0.0
+    restarts = ooms = 0
+    actions, settings = [], []
+    signals = sim.observe()
+    while not sim.done:
+        a = policy.act(signals, sim)
+        before = sim.setting
+        r = sim.step(a)
+        signals = sim.observe()
+        policy.observe(r, signals, sim)
+        cost += r.cost(lam)
+        seconds += r.seconds + r.restart_seconds
+        worker_seconds += r.worker_seconds + r.restart_seconds * r.restart_workers
+        restarts += int(r.restart_seconds > 0)
+        ooms += int(r.oom)
+        actions.append(a if isinstance(a, str) else (ACTIONS[a] if not isinstance(a, Setting) else "jump"))
+        settings.append((r.setting.batch_size, r.setting.precision, r.setting.workers, before != r.setting))
+    return Episode(cost, seconds, worker_seconds, restarts, ooms, actions, settings)
+
+
+# ----------------------------------------------------------------------------- static
+class Static(Policy):
+    def __init__(self, setting: Optional[Setting] = None, name: str = "static_default"):
+        self.start, self.name = setting, name
+
+    def act(self, signals, sim):
+        return "keep"
+
+
+def expected_cost(workload: Workload, s: Setting, lam: float, interference: float = 1.0) -> float:
+    """Noise-free cost J of a whole job run on one setting."""
+    b = workload.chunk_bounds()
+    secs = sum(workload.chunk_seconds(s, p0, p1, interference) for p0, p1 in zip(b[:-1], b[1:]))
+    return secs * (s.workers + lam)
+
+
+def best_static(workload: Workload, lam: float) -> Setting:
+    """The single setting with the least expected cost (hindsight: it knows the whole job)."""
+    return min(workload.settings(), key=lambda s: expected_cost(workload, s, lam))
+
+
+# ----------------------------------------------------------------------------- threshold
+class ThresholdRule(Policy):
+    name = "threshold"
+
+    def __init__(self, high: float = 0.7, low: float = 0.3, cooldown: int = 3, min_free_memory: float = 0.1):
+        self.high, self.low, self.cooldown, self.min_free = high, low, cooldown, min_free_memory
+
+    def reset(self, sim, lam):
+        self.wait = 0
+
+    def act(self, signals, sim):
+        if self.wait > 0:
+            self.wait -= 1
+            return "keep"
+        allowed = dict(zip(ACTIONS, allowed_actions(sim.setting, sim.w.limits)))
+        a = "keep"
+        if signals.free_memory < self.min_free and allowed["batch_down"]:
+            a = "batch_down"
+        elif signals.utilisation > self.high:
+            a = "workers_up" if allowed["workers_up"] else ("batch_up" if allowed["batch_up"] else "keep")
+        elif signals.utilisation < self.low and allowed["workers_down"]:
+            a = "workers_down"
+        if a != "keep":
+            self.wait = self.cooldown
+        return a
+
+
+# ----------------------------------------------------------------------------- goodput
+class GoodputRule(Policy):
+    """Pollux's goodput for what one job controls: batch size, workers and — beyond Pollux,
+    so that the baseline is as strong as the Q-learner's action set — precision, with the
+    workload's precision factor (``precisions=("32-true",)`` is Pollux proper). The step-time
+    model is the one fitted on the trace (Pollux fits the same form online); the noise scale
+    comes from the monitor, smoothed."""
+    name = "goodput"
+
+    def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=None):
+        self.min_gain, self.smoothing = min_gain, smoothing
+        self.precisions = None if precisions is None else tuple(precisions)
+
+    def reset(self, sim, lam):
+        self.lam, self.b_noise = lam, None
+        w = sim.w
+        self.candidates = [s for s in w.settings() if self.precisions is None or s.precision in self.precisions]
+
+    def cost_per_progress(self, w: Workload, s: Setting) -> float:
+        phi = self.b_noise / w.stat.init_batch            # = grad_var / grad_sqr
+        scale = s.global_batch / w.stat.init_batch
+        gain = (phi + 1.0) / (phi / scale + 1.0)
+        return w.step_time(s) / gain * (s.workers + self.lam)
+
+    def act(self, signals, sim):
+        ns = signals.noise_scale
+        self.b_noise = ns if self.b_noise is None else self.smoothing * self.b_noise + (1 - self.smoothing) * ns
+        w, cur = sim.w, sim.setting
+        now = self.cost_per_progress(w, cur)
+        best = min(self.candidates, key=lambda s: self.cost_per_progress(w, s))
+        new = self.cost_per_progress(w, best)
+        if best == cur or new > now * (1 - self.min_gain):
+            return "keep"
+        remaining = sim.bounds[-1] - sim.progress
+        restart = w.spec.restart_seconds * (best.workers + self.lam) if w.needs_restart(cur, best) else 0.0
+        if (now - new) * remaining <= restart:
+            return "keep"
+        return best
+
+
+# ----------------------------------------------------------------------------- Q-learning
+class QPolicy(Policy):
+    name = "q_learning"
+
+    def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0,
+                 reward_form: str = "cost", cooldown: int = 0):
+        self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
+        self.cooldown = int(cooldown)       # decisions kept after a restart (min steps between changes)
+
+    def reset(self, sim, lam):
+        self.lam, self.prev, self._next = lam, None, None
+        self._masks, self._wait = {}, 0
+
+    def _state(self, signals, sim):
+        return encode_state(signals, sim.setting, self.bins, sim.w.limits)
+
+    def _allowed(self, sim):
+        s = sim.setting
+        key = (s.batch_size, s.precision, s.workers)
+        if key not in self._masks:
+            self._masks[key] = np.asarray(allowed_actions(s, sim.w.limits), dtype=bool)
+        return self._masks[key]
+
+    def act(self, signals, sim):
+        s = self._next if self._next is not None else self._state(signals, sim)
+        self._next = None
+        if self._wait > 0:
+            self._wait -= 1
+            a = 0                                        # keep
+        else:
+            a = self.q.choose(s, self._allowed(sim), explore=self.explore)
+            if ACTIONS[a] in ("precision_low", "precision_full", "workers_up", "workers_down"):
+                self._wait = self.cooldown
+        self.prev = (s, a)
+        return a
+
+    def observe(self, r, signals_next, sim):
+        if not self.explore:
+            return
+        s, a = self.prev
+        rew = reward(r.progress, r.worker_seconds, r.seconds, self.lam, r.restart_seconds, oom=r.oom,
+                     restart_workers=r.restart_workers, scale=self.scale, form=self.form)
+        s_next = None if r.done else self._state(signals_next, sim)
+        self._next = s_next                      # the next act() sees the same reading
+        self.q.update(s, a, rew, s_next, self._allowed(sim), done=r.done)
+
+
+def reward_scale(workload: Workload, lam: float) -> float:
+    """Progress per unit of cost of the static default on the first chunk: rewards near 1."""
+    s = workload.static_default
+    b = workload.chunk_bounds()
+    secs = workload.chunk_seconds(s, b[0], b[1])
+    return (b[1] - b[0]) / (secs * (s.workers + lam))
+
+
+def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
+            bins: Optional[StateBins] = None, alpha: float = 0.1, gamma: float = 0.9,
+            eps_start: float = 0.3, eps_end: float = 0.05, hysteresis: float = 0.0,
+            reward_form: str = "cost", exploring_starts: float = 0.5, cooldown: int = 0,
+            progress=None) -> QPolicy:
+    """Q-learning in the simulator: warm start from the threshold heuristic, ε decaying over
+    the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
+
+    With probability ``exploring_starts`` a training episode starts from a random setting at a
+    random point of the job (exploring starts): ε-greedy walks alone rarely reach settings
+    many actions away from the default, or see them late in the job."""
+    bins = bins or StateBins()
+    decisions = episodes * workload.spec.decisions
+    learner = QLearner(n_states(bins), alpha=alpha, gamma=gamma, eps_start=eps_start, eps_end=eps_end,
+                       eps_decay_decisions=max(1, int(0.8 * decisions)), seed=seed, hysteresis=hysteresis,
+                       bins=bins)
+    # base: the discounted value of staying on the start setting (reward ±1 per decision)
+    base = (1.0 if reward_form == "rate" else -1.0) / (1.0 - gamma)
+    learner.warm_start(conservative_heuristic(bins), value=0.5, base=base)
+    policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam),
+                     reward_form=reward_form, cooldown=cooldown)
+    rng = np.random.default_rng(seed)
+    settings = workload.settings()
+    for i in range(episodes):
+        start_chunk = 0
+        policy.start = None
+        if rng.random() < exploring_starts:
+            policy.start = settings[int(rng.integers(len(settings)))]
+            start_chunk = int(rng.integers(workload.spec.decisions))
+        run_episode(workload, policy, lam, seed=seed * 1_000_000 + i, start_chunk=start_chunk)
+        if progress is not None:
+            progress()
+    policy.explore, policy.start = False, None
+    return policy
+
+
+# ----------------------------------------------------------------------------- oracle
+class Oracle(Policy):
+    """Plans the whole job at reset by dynamic programming over (decision, setting) on the
+    noise-free cost model of this run (its interference is known: perfect foresight)."""
+    name = "oracle"
+
+    def reset(self, sim, lam):
+        w = sim.w
+        S = w.settings()
+        b = sim.bounds
+        K = len(b) - 1
+        chunk = np.array([[w.chunk_seconds(s, b[k], b[k + 1], sim.interference) * (s.workers + lam)
+                           for s in S] for k in range(K)])                     # [K, S]
+        restart = np.array([[w.spec.restart_seconds * (t.workers + lam) if w.needs_restart(s, t) else 0.0
+                             for t in S] for s in S])                          # [from, to]
+        value = np.zeros(len(S))
+        choice = np.zeros((K, len(S)), dtype=int)
+        value_after_first = None
+        for k in reversed(range(K)):
+            if k == 0:
+                value_after_first = value.copy()
+            total = restart + (chunk[k] + value)[None, :]                      # [from, to]
+            choice[k] = np.argmin(total, axis=1)
+            value = total[np.arange(len(S)), choice[k]]
+        # the schedule includes its first setting: like the best static one, it starts there
+        # without a restart (so the oracle is a lower bound of both)
+        first = chunk[0] + value_after_first
+        i = int(np.argmin(first))
+        sim.setting = S[i]
+        self.plan = []
+        for k in range(K):
+            i = choice[k, i]
+            self.plan.append(S[i])
+        self.expected = None
+
+    def act(self, signals, sim):
+        return self.plan[sim.k]
