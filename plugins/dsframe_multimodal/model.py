@@ -205,3 +205,46 @@ def drop_modalities(present: torch.Tensor, p: float) -> torch.Tensor:
         rescue[torch.arange(present.shape[0], device=present.device), pick] = True
         kept = kept | (rescue & lost_all.unsqueeze(1))
     return kept
+
+
+@torch.no_grad()
+def fusion_latency(model: MultimodalClassifier, inputs: dict, reps: int = 50, block: int = 5,
+                   threads: int | None = 1) -> dict[str, Any]:
+    """Milliseconds of the model's parts on ``inputs`` (give one sample for batch-1 latency), eval
+    mode, CPU: ``encoders`` (all encoders), ``fusion`` (cross-modal attention + pooling + gate: what
+    fusing adds over the encoders), ``decoder`` (the MLP head) and ``forward`` (all of it).
+
+    Each part is timed in rounds — one untimed call, then ``block`` timed back-to-back calls — and
+    the parts take turns within each round, so a change of load on a shared machine hits them
+    alike. Returns {part: {"median", "min", "max"}} over ``reps`` timed calls each, plus settings.
+    """
+    import statistics
+    import time
+
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    was_training, old_threads = model.training, torch.get_num_threads()
+    model.eval()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tokens, masks, present = model.encode(inputs)
+        fused = model.fuse(tokens, masks, present)
+        parts = {"encoders": lambda: model.encode(inputs), "fusion": lambda: model.fuse(tokens, masks, present),
+                 "decoder": lambda: model.decode(fused), "forward": lambda: model(**inputs)}
+        times: dict[str, list[float]] = {name: [] for name in parts}
+        for _ in range(max(1, -(-reps // block))):
+            for name, fn in parts.items():
+                fn()
+                for _ in range(block):
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t) * 1e3)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(old_threads)
+    out: dict[str, Any] = {name: {"median": round(statistics.median(v), 4), "min": round(min(v), 4),
+                                  "max": round(max(v), 4)} for name, v in times.items()}
+    out.update(batch_size=int(present.shape[0]), reps=len(times["fusion"]), threads=torch.get_num_threads()
+               if not threads else threads, modalities=list(model.modalities), fusion_kind=model.config.fusion,
+               cross_attention=model.cross is not None)
+    return out
