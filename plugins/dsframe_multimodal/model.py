@@ -39,6 +39,7 @@ class MultimodalConfig:
     encoders: Dict[str, Any] = field(default_factory=_default_encoders)
     width: int = 128               # d: the shared token width
     cross_attention: bool = True   # off: encoders' tokens go straight to pooling
+    cross_layers: int = 1          # cross-modal attention blocks
     heads: int = 4                 # cross-attention heads
     fusion: str = "sigmoid_gate"   # sigmoid_gate | concat | mean | softmax_gate | gmu (2 modalities)
     hidden: int = 128              # decoder MLP width
@@ -55,7 +56,7 @@ class MultimodalConfig:
                 raise ConfigError("model.modalities", m, f"one of {', '.join(sorted(known)) or '(none)'} "
                                   "(the modalities of the installed dsframe.encoders)")
             self.encoders[m] = dataclasses.asdict(encoder_config(m, self.encoders.get(m)))
-        for key in ("width", "heads", "hidden", "num_labels"):
+        for key in ("width", "heads", "cross_layers", "hidden", "num_labels"):
             if getattr(self, key) < (2 if key == "num_labels" else 1):
                 raise ConfigError(f"model.{key}", getattr(self, key),
                                   "an integer >= 2" if key == "num_labels" else "an integer >= 1")
@@ -106,7 +107,7 @@ class MultimodalClassifier(nn.Module):
         self.modalities = list(config.modalities)
         self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
         d = config.width
-        self.cross = (CrossModalAttention(self.modalities, d, config.heads, config.dropout)
+        self.cross = (CrossModalAttention(self.modalities, d, config.heads, config.dropout, config.cross_layers)
                       if config.cross_attention and len(self.modalities) > 1 else None)
         self.fusion = build_fusion(config.fusion, len(self.modalities), d)
         self.head = nn.Sequential(nn.LayerNorm(self.fusion.out_width), nn.Linear(self.fusion.out_width, config.hidden),
