@@ -320,6 +320,7 @@ def _one_line(exc: Exception) -> str:
     ({"encoders": {"image": {"kind": "mfcc"}}}, "model.encoders.image.kind", "an encoder for 'image': resnet"),
     ({"encoders": {"image": {"kind": "vit"}}}, "model.encoders.image.kind", "one of"),
     ({"encoders": {"image": {"depth": 3}}}, "model.encoders.image.depth", "a key of"),
+    ({"encoders": {"audoi": {"kind": "mfcc"}}}, "model.encoders.audoi", "an entry for a modality"),
     ({"heads": 5}, "model.heads", "a divisor of model.width"),
     ({"modality_dropout": 1.0}, "model.modality_dropout", "[0, 1)"),
 ])

@@ -54,7 +54,7 @@ class Encoder(nn.Module):
     @classmethod
     def from_arch(cls, arch: dict, width: int) -> "Encoder":
         """An encoder of the recorded shapes, weights to be loaded (never downloads anything)."""
-        return cls(to_dataclass(cls.Config, arch["config"], f"encoder {cls.__name__}"), width)
+        return cls(to_dataclass(cls.Config, arch["config"], f"model.encoders.{cls.modality}"), width)
 
     def shape_error(self, key: str, tensor: torch.Tensor, expected: str) -> DsframeError:
         return DsframeError(f"{self.modality} input '{key}' has shape {list(tensor.shape)}: encoder "

@@ -56,6 +56,10 @@ class MultimodalConfig:
                 raise ConfigError("model.modalities", m, f"one of {', '.join(sorted(known)) or '(none)'} "
                                   "(the modalities of the installed dsframe.encoders)")
             self.encoders[m] = dataclasses.asdict(encoder_config(m, self.encoders.get(m)))
+        for m in self.encoders:
+            if m not in known:  # a typo here would otherwise be silently unused
+                raise ConfigError(f"model.encoders.{m}", self.encoders[m],
+                                  f"an entry for a modality: {', '.join(sorted(known))}")
         for key in ("width", "heads", "cross_layers", "hidden", "num_labels"):
             if getattr(self, key) < (2 if key == "num_labels" else 1):
                 raise ConfigError(f"model.{key}", getattr(self, key),
