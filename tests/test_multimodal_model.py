@@ -445,6 +445,14 @@ def test_stage_model_override_builds_that_stage_model(compose, tmp_path):
     assert built.modalities == ["image"] and built.encoders["image"].stem[0].out_channels == 16
 
 
+def test_stage_model_override_that_changes_an_encoder_kind_replaces_its_options(compose):
+    spec = validate(compose(*MM_RUN, "+recipe.stages.finetune.model.encoders.audio.kind=wav2vec",
+                            "+recipe.stages.finetune.model.encoders.audio.channels=32"))
+    audio = spec.stage_model("finetune").encoders["audio"]
+    assert audio["kind"] == "wav2vec" and audio["channels"] == 32 and "n_features" not in audio
+    assert spec.model.encoders["audio"]["kind"] == "mfcc"
+
+
 @pytest.mark.parametrize("override,key,says", [
     ("+recipe.stages.finetune.model.fusion=gmu", "recipe.stages.finetune.model.fusion", "exactly 2"),
     ("+recipe.stages.finetune.model.kind=bert", "recipe.stages.finetune.model.kind", "not its kind"),

@@ -133,10 +133,19 @@ class RunSpec:
             raise ConfigError(f"{where}.kind", overrides["kind"],
                               f"'{self.model.kind}' (the top-level model.kind): a stage changes a model's "
                               "options, not its kind")
-        base = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(self.model)))
-        merged = OmegaConf.to_container(OmegaConf.merge(base, overrides))
+        merged = _deep_merge(OmegaConf.to_container(OmegaConf.structured(self.model)), overrides)
         with _stage_key(stage, "model"):
             return to_dataclass(type(self.model), merged, where)
+
+
+def _deep_merge(base: Any, override: Any) -> Any:
+    """``override`` onto ``base``: mappings merge key by key, anything else replaces. A mapping
+    whose ``kind`` changes is replaced whole: its kind selects another schema (e.g. an encoder)."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    if "kind" in override and override["kind"] != base.get("kind", override["kind"]):
+        return dict(override)
+    return {**base, **{k: _deep_merge(base.get(k), v) if k in base else v for k, v in override.items()}}
 
 
 @contextmanager
