@@ -400,6 +400,7 @@ def test_outside_encoder_for_a_new_modality_is_built_and_fused(depth_encoder, tm
     assert torch.equal(back.eval()(**inputs(batch)), logits)
 
 
+@pytest.mark.slow
 def test_list_shows_the_encoders_group_with_an_outside_encoder(tmp_path):
     dist = tmp_path / "ext_depth-1.0.dist-info"
     dist.mkdir()
