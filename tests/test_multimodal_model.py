@@ -322,11 +322,18 @@ def _one_line(exc: Exception) -> str:
     ({"encoders": {"image": {"depth": 3}}}, "model.encoders.image.depth", "a key of"),
     ({"encoders": {"audoi": {"kind": "mfcc"}}}, "model.encoders.audoi", "an entry for a modality"),
     ({"heads": 5}, "model.heads", "a divisor of model.width"),
+    ({"modalities": ["image", "depth"], "encoders": {"depth": {"kind": "no_config"}}}, "model.encoders.depth.kind",
+     "lacks Config, build, arch, from_arch"),
     ({"modality_dropout": 1.0}, "model.modality_dropout", "[0, 1)"),
 ])
 def test_bad_config_is_one_clear_line(overrides, key, says):
-    with pytest.raises(ConfigError) as err:
-        config(**overrides)
+    if "depth" in overrides.get("modalities", ()):  # an outside encoder that misses most of the contract
+        registry.encoders.register("no_config", type("NoConfig", (nn.Module,), {"modality": "depth", "inputs": ()}))
+    try:
+        with pytest.raises(ConfigError) as err:
+            config(**overrides)
+    finally:
+        registry.encoders._extra.pop("no_config", None)
     assert err.value.key == key and says in _one_line(err.value)
 
 
@@ -377,7 +384,7 @@ class DepthEncoder(nn.Module):
         return cls(DepthConfig(**arch["config"]), width)
 
     def forward(self, depth):
-        return self.proj(depth.unsqueeze(-1)), torch.ones(depth.shape, dtype=torch.bool)
+        return self.proj(depth.unsqueeze(-1)), torch.ones(depth.shape, dtype=torch.bool, device=depth.device)
 
 
 @pytest.fixture

@@ -76,6 +76,9 @@ class MultimodalConfig:
                 raise ConfigError(f"model.{key}", getattr(self, key), "a float in [0, 1)")
 
 
+ENCODER_CONTRACT = ("modality", "inputs", "Config", "build", "arch", "from_arch")
+
+
 def known_modalities() -> set[str]:
     return {getattr(cls, "modality", "") for cls in (registry.encoders.get(n) for n in registry.encoders.names())}
 
@@ -86,6 +89,10 @@ def encoder_class(modality: str, kind: Any) -> type:
     if kind is None:
         raise ConfigError(key, None, f"an encoder for '{modality}': {', '.join(fits)}")
     cls = registry.encoders.get(kind, key=key)
+    lacks = [a for a in ENCODER_CONTRACT if not hasattr(cls, a)]
+    if lacks:
+        raise ConfigError(key, kind, f"an encoder class with {', '.join(ENCODER_CONTRACT)} "
+                          f"({cls.__module__}.{cls.__qualname__} lacks {', '.join(lacks)}; see docs/multimodal.md)")
     if getattr(cls, "modality", None) != modality:
         raise ConfigError(key, kind, f"an encoder for '{modality}': {', '.join(fits) or '(none installed)'} "
                           f"('{kind}' encodes '{getattr(cls, 'modality', '?')}')")
