@@ -65,10 +65,10 @@ class AVDigitsConfig:
     split_seed: int = 0  # splits, pairing and noise; fixed: the test split never changes with the run seed
     max_train_samples: Optional[int] = None  # debug presets train on a subset; val/test stay whole
     # noise (defaults chosen on the validation split, see dsframe_multimodal.calibrate)
-    image_energy_removed: float = 0.75
+    image_energy_removed: float = 0.8
     image_noise: float = 0.0
-    audio_noise: float = 1.5
-    text_noise: float = 0.3
+    audio_noise: float = 2.5
+    text_noise: float = 0.6
     text_languages: List[str] = field(default_factory=lambda: list(sources.WORDS))
     waveform_snr_db: float = 0.0
     waveform_seconds: float = 1.0
@@ -110,8 +110,9 @@ class AVDigitsConfig:
                 raise ConfigError("data.text_languages", lang, f"a non-empty list from {', '.join(sources.WORDS)}")
         if not 0.1 <= self.waveform_seconds <= 5.0:
             raise ConfigError("data.waveform_seconds", self.waveform_seconds, "seconds in [0.1, 5]")
-        if not (self.voices and self.speeds and self.pitches):
-            raise ConfigError("data.voices", self.voices, "non-empty voices, speeds and pitches lists")
+        if len(self.voices) * len(self.speeds) * len(self.pitches) < 4:
+            raise ConfigError("data.voices", self.voices, "voices x speeds x pitches giving at least 4 clips per "
+                              "digit, so that train, val and test each get one")
         for split, probs in self.missing.items():
             if split not in SPLITS:
                 raise ConfigError("data.missing", split, f"a split: {', '.join(SPLITS)}")
