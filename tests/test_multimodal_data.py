@@ -192,7 +192,7 @@ def test_espeak_clips_and_waveform_batches(tmp_path, monkeypatch):
     for name in (sources.MNIST["name"], sources.FSDD["name"]):
         shutil.copy(real / name, sources.folder() / name)
     waves, lengths, labels = sources.load_espeak(**SMALL_ESPEAK, max_seconds=1.0)
-    assert labels.tolist() == list(range(10)) and waves.shape == (10, 16000)
+    assert labels.tolist() == [d for d in range(10) for _ in range(4)] and waves.shape == (40, 16000)
     assert (lengths > 1600).all() and (lengths <= 16000).all()  # each word lasts 0.1 .. 1 s
     assert all(np.abs(w[n:]).max(initial=0) == 0 for w, n in zip(waves, lengths))
     cfg = AVDigitsConfig(modalities=["audio"], audio_source="waveform", **SMALL_ESPEAK, eval_batch_size=64)
