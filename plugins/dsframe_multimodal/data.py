@@ -17,7 +17,7 @@ The default noise levels were chosen on the VALIDATION split (``dsframe_multimod
 docs/multimodal_benchmark.md) so that each modality alone is clearly imperfect.
 The built arrays are cached (``<DSFRAME_CACHE>/av_digits/built_<key>.npz``, SHA-256 checked).
 
-Batch (docs in MM_SHARED / docs/multimodal.md): ``labels``; ``present_<m>`` per provided modality;
+Batch (the contract in docs/multimodal.md): ``labels``; ``present_<m>`` per provided modality;
 text ``input_ids``/``attention_mask``; image ``image`` [B,1,28,28]; audio ``audio`` [B,F,13] +
 ``audio_mask``; waveform ``waveform`` [B,S] + ``waveform_mask``. An absent modality's tensors
 are zeros (masks False) and must be ignored by the model.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
 import numpy as np
@@ -411,6 +411,3 @@ class AVDigitsDataModule(SplitDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=data.collate,
                           num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0)
 
-
-def config_dict(cfg: AVDigitsConfig) -> dict:
-    return asdict(cfg)

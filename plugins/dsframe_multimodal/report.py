@@ -13,14 +13,12 @@ fusion) was made on validation; the test numbers are read once, at the end.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 
