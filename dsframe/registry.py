@@ -1,6 +1,6 @@
 """Named components discovered through entry points.
 
-Every extension point (plugins, models, data, strategies, recipes, stages) is an
+Every extension point (plugins, models, data, strategies, recipes, stages, encoders) is an
 entry-point group ``dsframe.<kind>``. First-party components register exactly the way an
 outside package does, in its own ``pyproject.toml``; nothing here knows any of them.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from dsframe.errors import ConfigError
 
-GROUPS = ("plugins", "models", "data", "strategies", "stages")
+GROUPS = ("plugins", "models", "data", "strategies", "stages", "encoders")
 
 
 @dataclass(frozen=True)
@@ -84,5 +84,6 @@ models = Registry("models")
 data = Registry("data")
 strategies = Registry("strategies")
 stages = Registry("stages")
+encoders = Registry("encoders")  # one modality's input -> tokens (used by multimodal models)
 
-ALL = {r.kind: r for r in (plugins, models, data, strategies, stages)}
+ALL = {r.kind: r for r in (plugins, models, data, strategies, stages, encoders)}

@@ -99,7 +99,8 @@ class Runner:
     def build_model(self, ctx: StageContext) -> torch.nn.Module:
         if ctx.stage.init_from:
             return load_model(ctx.artifact(ctx.stage.init_from), expect_kind=self.spec.model.kind)
-        return registry.models.get(self.spec.model.kind, key="model.kind").build(self.spec.model)
+        config = self.spec.stage_model(ctx.stage_name)
+        return registry.models.get(config.kind, key="model.kind").build(config)
 
     def fit_stage(self, ctx: StageContext) -> dict:
         spec, name = self.spec, ctx.stage_name

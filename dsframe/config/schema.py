@@ -2,6 +2,7 @@
 against the ``Config`` dataclass of the component their ``kind`` (or name) selects."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -77,6 +78,9 @@ class StageConfig:
     init_from: Optional[str] = None  # an earlier stage whose model.pt starts this one
     trainer: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level trainer
     optim: Dict[str, Any] = field(default_factory=dict)  # overrides of the top-level optim
+    # overrides of the top-level model, deep-merged (lists replace): e.g. one recipe trains
+    # unimodal baselines with {modalities: [image]}; the kind stays the top-level one
+    model: Dict[str, Any] = field(default_factory=dict)
     test: bool = True  # evaluate the finished model on the test split
     options: Dict[str, Any] = field(default_factory=dict)  # free arguments for a stage function
 
@@ -135,12 +139,53 @@ class RunSpec:
     def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
         """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
         base = OmegaConf.to_container(OmegaConf.structured(self.trainer))
-        return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer, **(segment or {})},
-                            f"recipe.stages.{stage}.trainer")
+        with _stage_key(stage, "trainer"):
+            return to_dataclass(TrainerConfig, {**base, **self.recipe.stages[stage].trainer, **(segment or {})},
+                                f"recipe.stages.{stage}.trainer")
 
     def stage_optim(self, stage: str) -> OptimConfig:
         base = OmegaConf.to_container(OmegaConf.structured(self.optim))
-        return to_dataclass(OptimConfig, {**base, **self.recipe.stages[stage].optim}, f"recipe.stages.{stage}.optim")
+        with _stage_key(stage, "optim"):
+            return to_dataclass(OptimConfig, {**base, **self.recipe.stages[stage].optim},
+                                f"recipe.stages.{stage}.optim")
+
+    def stage_model(self, stage: str) -> Any:
+        """The model config of ``stage``: its ``model`` overrides merged onto the top-level model."""
+        overrides = self.recipe.stages[stage].model
+        if not overrides:
+            return self.model
+        where = f"recipe.stages.{stage}.model"
+        if "kind" in overrides and overrides["kind"] != self.model.kind:
+            raise ConfigError(f"{where}.kind", overrides["kind"],
+                              f"'{self.model.kind}' (the top-level model.kind): a stage changes a model's "
+                              "options, not its kind")
+        merged = _deep_merge(OmegaConf.to_container(OmegaConf.structured(self.model)), overrides)
+        with _stage_key(stage, "model"):
+            return to_dataclass(type(self.model), merged, where)
+
+
+def _deep_merge(base: Any, override: Any) -> Any:
+    """``override`` onto ``base``: mappings merge key by key, anything else replaces. A mapping
+    whose ``kind`` changes is replaced whole: its kind selects another schema (e.g. an encoder)."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    if "kind" in override and override["kind"] != base.get("kind", override["kind"]):
+        return dict(override)
+    return {**base, **{k: _deep_merge(base.get(k), v) if k in base else v for k, v in override.items()}}
+
+
+@contextmanager
+def _stage_key(stage: str, group: str):
+    """A group's Config names its keys '<group>.<key>' (e.g. 'trainer.devices'); inside a stage
+    override the key to blame is 'recipe.stages.<stage>.<group>.<key>'."""
+    where = f"recipe.stages.{stage}.{group}"
+    try:
+        yield
+    except ConfigError as exc:
+        key = exc.key.replace(f"{where}.{group}.", f"{where}.", 1)
+        if key.startswith(f"{group}."):
+            key = f"{where}.{key[len(group) + 1:]}"
+        raise ConfigError(key, exc.value, exc.allowed) from None
 
 
 TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads")
@@ -191,6 +236,11 @@ def validate(cfg: DictConfig) -> RunSpec:
                 spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
         spec.stage_trainer(name)
         spec.stage_optim(name)
+        if stage.model and stage.init_from is not None:
+            raise ConfigError(f"{where}.model", stage.model,
+                              f"no overrides: this stage starts from stage '{stage.init_from}''s model.pt, "
+                              "whose architecture is fixed")
+        spec.stage_model(name)
         seen.append(name)
     return spec
 

@@ -139,6 +139,12 @@ class DistillPlugin(Plugin):
             raise CheckpointError(f"teacher {path} is a '{payload['kind']}' model; the student is '{model.kind}'")
         if hasattr(model, "arch"):
             check_teacher(payload["arch"], model.arch(), str(path))
+            if self.config.hidden_weight > 0 and "hf_config" not in model.arch():
+                # the hidden-state term pairs BERT encoder layers over a text attention mask
+                raise ConfigError("plugins.distill.hidden_weight", self.config.hidden_weight,
+                                  f"0 for a '{getattr(model, 'kind', type(model).__name__)}' student: layer-to-layer "
+                                  "distillation needs a BERT-family classifier (kind bert); logit distillation "
+                                  "(hidden_weight=0) works for any model")
         self.set_teacher(load_model(path))
         return model
 
