@@ -36,9 +36,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for p in (ROOT, ROOT / "plugins"):
-    if str(p) not in sys.path:
-        sys.path.insert(1, str(p))
 
 TARGETS = {"size_ratio": (">=", 8.0), "speedup_b1_t1": (">=", 5.8), "acc_drop": ("<=", 1.2),
            "speedup_vs_ort_int8_b1_t1": (">=", 1.5), "acc_vs_ort_int8": (">=", 0.0)}

