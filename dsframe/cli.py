@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> float | None:
         results = Runner(spec, run_dir).run()
     except DsframeError as exc:
         return _job_failed(exc, run_dir, started=True)
-    return _objective(results)
+    return _objective(results, spec.recipe.objective)
 
 
 def _job_failed(exc: DsframeError, run_dir: Path, started: bool) -> None:
@@ -105,8 +105,13 @@ def _forget_empty_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
-def _objective(results: dict) -> float | None:
-    """The last stage's test accuracy (or loss), for Hydra sweepers that optimise a value."""
+def _objective(results: dict, declared: dict | None = None) -> float | list[float] | None:
+    """What Hydra sweepers optimise: the recipe's ``objective`` (dsframe.sweep), else the last
+    stage's test accuracy (or loss)."""
+    if declared:
+        from dsframe.sweep import flatten, objective_value, parse_objective
+
+        return objective_value(flatten(results), parse_objective(declared))
     for metrics in reversed(list(results.values())):
         test = metrics.get("test", {}) if isinstance(metrics, dict) else {}
         for key in ("test/acc", "test/loss"):

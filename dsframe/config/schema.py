@@ -93,11 +93,16 @@ class RecipeConfig:
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     # what a sweep's summary shows: {figures: [metric keys], fronts: [{x, y, x_goal, y_goal}]}
     summary: Dict[str, Any] = field(default_factory=dict)
+    # what a search optimises / a sweep's best job: {metrics, directions, weights, constraints}
+    objective: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from dsframe.sweep import parse_objective
+
         if self.task not in TASKS:
             raise ConfigError("recipe.task", self.task, f"one of {', '.join(TASKS)}")
         _check_summary(self.summary)
+        parse_objective(self.objective)
         if not self.stages:
             raise ConfigError("recipe.stages", {}, "at least one stage")
 
