@@ -53,15 +53,16 @@ def _fail(exc: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://dsframe.conf", config_name="config")
 def run(cfg: DictConfig) -> float | None:
     from dsframe.config import validate
-    from dsframe.runner import Runner
-
-    _quiet_lightning()
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         spec = validate(cfg)
     except DsframeError as exc:
         return _job_failed(exc, run_dir, started=False)
+    from dsframe.runner import Runner  # torch + Lightning: only once the config is known good
+
+    _quiet_lightning()
+
     try:
         log.info("run directory: %s", run_dir)
         results = Runner(spec, run_dir).run()
@@ -134,8 +135,23 @@ def _summarize(args: list[str]) -> None:
     print(f"{result['summary']}: {result['jobs']} jobs, {result['failed']} failed, {result['incomplete']} incomplete")
 
 
+_PRINT_ONLY = {"list", "--list", "summarize", "runs", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i"}
+
+
+def _quiet_on_closed_pipe() -> None:
+    """A command that only prints (``--help | head``) ends quietly when the reader stops reading,
+    as Unix tools do, instead of with a BrokenPipeError traceback. Training runs keep Python's
+    default: a closed pipe never kills them."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if _PRINT_ONLY & set(args[:1] + [a for a in args if a.startswith("-")]):
+        _quiet_on_closed_pipe()
     if args and args[0] == "summarize":
         _summarize(args[1:])
         return

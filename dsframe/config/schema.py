@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
-from dsframe.task import TASKS, OptimConfig
+from dsframe.optim import TASK_KINDS as TASKS, OptimConfig  # no torch/Lightning: fast config errors
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
