@@ -155,6 +155,10 @@ def main() -> None:
     if args and args[0] == "summarize":
         _summarize(args[1:])
         return
+    if args and args[0] == "runs":
+        from dsframe.records import main as runs
+
+        sys.exit(runs(args[1:]))
     if args and args[0] in ("list", "--list"):
         from dsframe.catalog import print_catalog
 

@@ -103,3 +103,6 @@ def test_optuna_search_of_three_trials(tmp_path):
     optuna = OmegaConf.load(sweep / "optimization_results.yaml")  # Optuna's own record agrees
     assert optuna.best_value == pytest.approx(best["value"])
     assert (sweep / "best.yaml").read_text() == (sweep / best["job"] / ".hydra" / "config.yaml").read_text()
+    for job in ("0", "1", "2"):  # every job leaves its run record (dsframe.records.RunRecord)
+        record = json.loads((sweep / job / "run.json").read_text())
+        assert record["status"] == "done" and record["stages"]["finetune"] > 0
