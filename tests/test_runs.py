@@ -1,5 +1,7 @@
 """Run records (run.json) and ``python -m dsframe runs``."""
+import csv
 import json
+import struct
 import subprocess
 
 import pytest
@@ -60,8 +62,50 @@ def test_real_runs_leave_records_and_are_listed(tmp_path):
     [run] = find_runs([tmp_path / "outputs"])
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and record["recipe"] == "sentiment" and record["versions"]["dsframe"]
+
+    # logger=tensorboard: event files beside the CSV logs, holding the same training losses
+    done = run_cli("recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=2", "logger=tensorboard",
+                   "hydra.run.dir=outputs/tb", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = tmp_path / "outputs" / "tb" / "finetune"
+    [events] = (stage / "logs" / "tensorboard" / "fit").glob("events.out.tfevents.*")
+    csv_losses = [float(r["train/loss"]) for r in csv.DictReader(open(stage / "logs" / "fit" / "metrics.csv"))
+                  if r.get("train/loss")]
+    assert _scalars(events, "train/loss") == pytest.approx(csv_losses, abs=1e-6) and len(csv_losses) == 2
+    assert json.loads((tmp_path / "outputs" / "tb" / "run.json").read_text())["status"] == "done"
+
     listed = run_cli("runs", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert len(listed.stdout.splitlines()) == 2 and " failed " in listed.stdout.splitlines()[1]
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 3 and " done " in lines[1] and "test/acc=" in lines[1] and " failed " in lines[2]
     missing = run_cli("runs", "nowhere", cwd=tmp_path)
     assert missing.returncode == 1 and missing.stderr.strip() == "dsframe: error: no such directory: nowhere"
+
+
+def _scalars(path, tag):
+    """Values of ``tag`` in a TensorBoard event file (TFRecord frames of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    values, data = [], path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
+
+
+def test_logger_choice_is_checked(compose):
+    from importlib.util import find_spec
+
+    from dsframe.config import validate
+    from dsframe.errors import ConfigError
+
+    assert validate(compose("recipe=sentiment")).logger.kind == "csv"
+    assert validate(compose("recipe=sentiment", "logger=tensorboard")).logger.kind == "tensorboard"
+    with pytest.raises(ConfigError, match="logger.kind='wandb' is not allowed: one of csv, tensorboard, mlflow"):
+        validate(compose("recipe=sentiment", "logger.kind=wandb"))
+    if find_spec("mlflow") is None:
+        with pytest.raises(ConfigError, match="mlflow needs the package mlflow"):
+            validate(compose("recipe=sentiment", "logger=mlflow"))

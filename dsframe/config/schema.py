@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
+from dsframe.loggers import LoggerConfig
 from dsframe.optim import TASK_KINDS as TASKS, OptimConfig  # no torch/Lightning: fast config errors
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -140,6 +141,7 @@ class RunSpec:
     plugins: Dict[str, Any]  # plugin name -> its checked Config
     seed: int
     threads: Optional[int]
+    logger: Any = None  # dsframe.loggers.LoggerConfig
 
     def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
         """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
@@ -193,7 +195,7 @@ def _stage_key(stage: str, group: str):
         raise ConfigError(key, exc.value, exc.allowed) from None
 
 
-TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads")
+TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads", "logger")
 
 
 def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
@@ -226,7 +228,8 @@ def validate(cfg: DictConfig) -> RunSpec:
                    data=component_config(registry.data, cfg.get("data"), "data"),
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
-                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg))
+                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg),
+                   logger=to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger"))
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
