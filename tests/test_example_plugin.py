@@ -105,8 +105,11 @@ def test_installed_example_runs_next_to_prune_and_distill(tmp_path):
     assert not (site / "hydra_plugins" / "__init__.py").exists()
     env = {"PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
-    listed = run_cli("list", cwd=tmp_path, env=env)
-    assert re.search(r"labelsmooth\s+label smoothing of the cross-entropy term", listed.stdout), listed.stdout
+    from importlib.metadata import distributions
+
+    [dist] = [d for d in distributions(path=[str(site)]) if d.metadata["Name"] == "dsframe-labelsmooth"]
+    [ep] = [e for e in dist.entry_points if e.group == "dsframe.plugins"]  # what `dsframe list` finds
+    assert (ep.name, ep.value) == ("labelsmooth", "dsframe_labelsmooth:LabelSmoothPlugin")
 
     recipe = ["recipe=bert_compress", "debug=tiny", "recipe.stages.prune.plugins+=[labelsmooth]"]
     bad = run_cli(*recipe, "plugins.labelsmooth.epsilon=1.5", cwd=tmp_path, env=env)
