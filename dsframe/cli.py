@@ -53,21 +53,22 @@ def _fail(exc: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://dsframe.conf", config_name="config")
 def run(cfg: DictConfig) -> float | None:
     from dsframe.config import validate
-    from dsframe.runner import Runner
-
-    _quiet_lightning()
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         spec = validate(cfg)
     except DsframeError as exc:
         return _job_failed(exc, run_dir, started=False)
+    from dsframe.runner import Runner  # torch + Lightning: only once the config is known good
+
+    _quiet_lightning()
+
     try:
         log.info("run directory: %s", run_dir)
         results = Runner(spec, run_dir).run()
     except DsframeError as exc:
         return _job_failed(exc, run_dir, started=True)
-    return _objective(results)
+    return _objective(results, spec.recipe.objective)
 
 
 def _job_failed(exc: DsframeError, run_dir: Path, started: bool) -> None:
@@ -105,8 +106,13 @@ def _forget_empty_run_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
-def _objective(results: dict) -> float | None:
-    """The last stage's test accuracy (or loss), for Hydra sweepers that optimise a value."""
+def _objective(results: dict, declared: dict | None = None) -> float | list[float] | None:
+    """What Hydra sweepers optimise: the recipe's ``objective`` (dsframe.sweep), else the last
+    stage's test accuracy (or loss)."""
+    if declared:
+        from dsframe.sweep import flatten, objective_value, parse_objective
+
+        return objective_value(flatten(results), parse_objective(declared))
     for metrics in reversed(list(results.values())):
         test = metrics.get("test", {}) if isinstance(metrics, dict) else {}
         for key in ("test/acc", "test/loss"):
@@ -129,11 +135,30 @@ def _summarize(args: list[str]) -> None:
     print(f"{result['summary']}: {result['jobs']} jobs, {result['failed']} failed, {result['incomplete']} incomplete")
 
 
+_PRINT_ONLY = {"list", "--list", "summarize", "runs", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i"}
+
+
+def _quiet_on_closed_pipe() -> None:
+    """A command that only prints (``--help | head``) ends quietly when the reader stops reading,
+    as Unix tools do, instead of with a BrokenPipeError traceback. Training runs keep Python's
+    default: a closed pipe never kills them."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if _PRINT_ONLY & set(args[:1] + [a for a in args if a.startswith("-")]):
+        _quiet_on_closed_pipe()
     if args and args[0] == "summarize":
         _summarize(args[1:])
         return
+    if args and args[0] == "runs":
+        from dsframe.records import main as runs
+
+        sys.exit(runs(args[1:]))
     if args and args[0] in ("list", "--list"):
         from dsframe.catalog import print_catalog
 

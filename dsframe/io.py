@@ -8,6 +8,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back (once, at import: no thread sees 0 later)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path``."""
     path = Path(path)
@@ -16,6 +25,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        if os.path.exists(tmp):  # mkstemp made it 0600: give the artifact the mode any new file gets
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -110,8 +110,11 @@ class Plugin(pl.Callback):
     Config: ClassVar[type] = NoOptions
     #: names of plugins that cannot run in the same stage as this one
     conflicts_with: ClassVar[tuple[str, ...]] = ()
-    #: names of plugins that, when in the same stage, must be listed before this one
+    #: names of plugins that, when in the same stage, must run before this one (its hooks, ``loss`` included)
     runs_after: ClassVar[tuple[str, ...]] = ()
+    #: names of plugins that, when in the same stage, must run after this one: lets an outside plugin
+    #: place itself before a first-party one without that plugin knowing it
+    runs_before: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, context: Optional[StageContext] = None):
         super().__init__()
@@ -124,7 +127,14 @@ class Plugin(pl.Callback):
 
     def loss(self, task: pl.LightningModule, batch: dict, outputs: torch.Tensor,
              loss: torch.Tensor) -> Optional[torch.Tensor]:
-        """Return a new total loss (e.g. ``loss + term``), or None to leave it unchanged."""
+        """Return a new total loss (e.g. ``loss + term``), or None to leave it unchanged.
+
+        ``task``: the training ``Task`` (``task.log``, ``task.progress``, ``task.trainer``);
+        ``batch``: the flat dict of tensors (``labels`` plus the data module's inputs, e.g.
+        ``input_ids``/``attention_mask``); ``outputs``: the model's logits, [B, C] for
+        classification, [B, T, V] for language modelling; ``loss``: the total so far — the task's
+        cross-entropy for the first plugin, then what the previous plugin returned (order:
+        ``order_plugins``)."""
         return None
 
     def finalize(self, model: nn.Module) -> nn.Module:
@@ -158,9 +168,11 @@ class SegmentSwitch(pl.Callback):
 
 
 def order_plugins(plugins: list[Plugin]) -> list[Plugin]:
-    """Check conflicts, then order so each plugin runs after those it declares in ``runs_after``.
+    """Check conflicts, then order so each plugin runs after those it declares in ``runs_after`` and
+    before those it declares in ``runs_before``; otherwise the stage's listed order is kept.
 
-    Plugins compose in any listed order: the declared dependencies, not the config, decide.
+    Plugins compose in any listed order: the declared dependencies, not the config, decide. The
+    result is the order of every hook: ``transform``, the ``loss`` chain, callbacks, ``finalize``.
     """
     names = {p.name for p in plugins}
     for p in plugins:
@@ -171,7 +183,8 @@ def order_plugins(plugins: list[Plugin]) -> list[Plugin]:
     ordered: list[Plugin] = []
     pending = list(plugins)
     while pending:
-        ready = [p for p in pending if not (set(p.runs_after) & {q.name for q in pending if q is not p})]
+        ready = [p for p in pending if not any(q is not p and (q.name in p.runs_after or p.name in q.runs_before)
+                                               for q in pending)]
         if not ready:
             raise DsframeError("plugins " + ", ".join(p.name for p in pending) + " each wait for another (runs_after cycle)")
         ordered.append(ready[0])

@@ -17,7 +17,7 @@ def unknown_key_message(args: list[str]) -> Optional[str]:
     from omegaconf import OmegaConf
 
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides([args[i] for i in _override_positions(args)])
     except Exception:  # a malformed override: Hydra reports it itself
         return None
     overrides = [o for o in overrides if not o.is_hydra_override() and o.package is None]
@@ -43,6 +43,25 @@ def unknown_key_message(args: list[str]) -> Optional[str]:
     return None
 
 
+# Hydra's flags that take the next word as their value (``--cfg job``, ``-p plugins``)
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _override_positions(args: list[str]) -> list[int]:
+    """Indices of the overrides among the command-line words (not flags, nor a flag's value)."""
+    out, skip = [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_VALUES)
+        else:
+            out.append(i)
+    return out
+
+
 _APPEND = re.compile(r"^(?P<key>[A-Za-z_][\w.]*)\+=(?P<value>.*)$")
 
 
@@ -64,7 +83,7 @@ def expand_args(args: list[str]) -> list[str]:
         return args
     parser = OverridesParser.create()
     try:
-        plain = [a for i, a in enumerate(args) if i not in appends and not a.startswith("-")]
+        plain = [args[i] for i in _override_positions(args) if i not in appends]
         groups = [o for o in parser.parse_overrides(plain)
                   if "." not in o.key_or_group and not o.is_sweep_override() and not o.is_hydra_override()]
     except Exception:  # malformed: Hydra reports it itself

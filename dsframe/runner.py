@@ -24,6 +24,7 @@ from dsframe import registry
 from dsframe.config.schema import RunSpec
 from dsframe.errors import CheckpointError, ConfigError
 from dsframe.io import write_json, write_text
+from dsframe.loggers import extra_loggers
 from dsframe.models import file_size_mb, load_model, save_model
 from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
 from dsframe.strategies import forget_previous_job_port
@@ -133,7 +134,8 @@ class Runner:
             version = "fit" if not segments else f"fit-{len(segments)}"  # a CSVLogger clears its version
             trainer = pl.Trainer(**dataclasses.asdict(trainer_cfg),
                                  strategy=factory.build(spec.strategy, trainer_cfg), callbacks=callbacks,
-                                 logger=CSVLogger(save_dir=ctx.stage_dir, name="logs", version=version),
+                                 logger=[CSVLogger(save_dir=ctx.stage_dir, name="logs", version=version),
+                                         *extra_loggers(spec.logger, ctx.stage_dir, version, spec.recipe.name)],
                                  default_root_dir=ctx.stage_dir, enable_model_summary=False)
             task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
             resume = _resume_checkpoint(ckpt_dir, name, task)

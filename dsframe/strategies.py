@@ -31,6 +31,14 @@ def forget_previous_job_port() -> None:
 BACKENDS = ("gloo", "nccl")
 
 
+def ranks_started_externally() -> bool:
+    """torchrun, SLURM's srun (hydra/launcher=slurm) or submitit's local executor started this rank:
+    Lightning reads it from the environment, and the strategy must not start ranks of its own."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
 class StrategyFactory:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -91,7 +99,8 @@ class DDP(StrategyFactory):
     def build(self, config: DDPConfig, trainer: Any) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(start_method=config.start_method,
+        # Lightning's script launcher starts nothing when the ranks exist already (fork would double them)
+        return DDPStrategy(start_method="popen" if ranks_started_externally() else config.start_method,
                            process_group_backend=config.resolved_backend(trainer.accelerator),
                            timeout=timedelta(seconds=config.timeout_s),
                            find_unused_parameters=config.find_unused_parameters)

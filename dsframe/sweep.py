@@ -17,6 +17,20 @@ Which figures, and which Pareto fronts to draw, the recipe declares::
 Without ``figures``, the last stage's test metrics are shown. The CSV holds every number of every
 job's ``metrics.json`` (keys flattened with dots: ``finetune.test.test/acc``).
 
+The recipe may also declare the *objective* a search optimises (``hydra/sweeper=optuna_objective``)
+and by which a grid's best job is picked::
+
+    recipe:
+      objective:
+        metrics: [report.final_acc]                      # flattened metrics.json keys
+        directions: [maximize]                           # maximize | minimize, one per metric
+        weights: null                                    # [w, ...]: one value, sum of w·metric
+        constraints: {report.final_size_ratio: {min: 8}} # a job outside them scores the worst value
+
+A run returns its objective value(s) to Hydra (what Optuna reads); the summary gets an ``objective``
+column, and ``best.json`` + ``best.yaml`` (the best job's composed config; with several objectives,
+one ``best-<job>.yaml`` per job on the Pareto front).
+
 ``python -m dsframe summarize SWEEP_DIR`` rebuilds the summary of an existing sweep directory.
 """
 from __future__ import annotations
@@ -47,6 +61,88 @@ class Front:
     y_goal: str = "max"
 
 
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class Objective:
+    metrics: list[str]
+    directions: list[str]
+    weights: Optional[list[float]] = None
+    constraints: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def senses(self) -> list[str]:
+        """The direction of each value returned: one for a weighted objective."""
+        return self.directions[:1] if self.weights else self.directions
+
+
+def parse_objective(raw: Any) -> Optional[Objective]:
+    """``recipe.objective`` checked (ConfigError naming the key); None when the recipe declares none."""
+    from dsframe.errors import ConfigError
+
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("recipe.objective", raw, "a mapping with metrics, directions, weights, constraints")
+    unknown = sorted(set(raw) - {"metrics", "directions", "weights", "constraints"})
+    if unknown:
+        raise ConfigError(f"recipe.objective.{unknown[0]}", raw[unknown[0]],
+                          "a key of 'recipe.objective': metrics, directions, weights, constraints")
+    metrics = raw.get("metrics")
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if not metrics or not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
+        raise ConfigError("recipe.objective.metrics", metrics, "a non-empty list of metric names (e.g. report.final_acc)")
+    directions = raw.get("directions") or ["maximize"] * len(metrics)
+    if isinstance(directions, str):
+        directions = [directions] * len(metrics)
+    if not isinstance(directions, list) or any(d not in DIRECTIONS for d in directions):
+        raise ConfigError("recipe.objective.directions", directions, "a list of maximize | minimize")
+    weights = raw.get("weights")
+    if weights is not None:
+        if (not isinstance(weights, list) or len(weights) != len(metrics)
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+            raise ConfigError("recipe.objective.weights", weights, f"null or a list of {len(metrics)} numbers")
+        if len(set(directions)) != 1:
+            raise ConfigError("recipe.objective.directions", directions,
+                              "one direction for a weighted objective (give a metric to minimise a negative weight)")
+    elif len(directions) != len(metrics):
+        raise ConfigError("recipe.objective.directions", directions, f"{len(metrics)} directions, one per metric")
+    constraints = raw.get("constraints") or {}
+    if not isinstance(constraints, dict):
+        raise ConfigError("recipe.objective.constraints", constraints, "a mapping metric -> {min: x, max: y}")
+    for key, bounds in constraints.items():
+        if (not isinstance(bounds, dict) or not bounds or set(bounds) - {"min", "max"}
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds.values())):
+            raise ConfigError(f"recipe.objective.constraints.{key}", bounds, "a mapping {min: x, max: y} (either or both)")
+    return Objective(list(metrics), list(directions), [float(w) for w in weights] if weights else None,
+                     {k: {b: float(v) for b, v in c.items()} for k, c in constraints.items()})
+
+
+def feasible(metrics: dict[str, float], objective: Objective) -> bool:
+    for key, bounds in objective.constraints.items():
+        value = metrics.get(key)
+        if value is None or value < bounds.get("min", -math.inf) or value > bounds.get("max", math.inf):
+            return False
+    return True
+
+
+def objective_value(metrics: dict[str, float], objective: Objective) -> Optional[float | list[float]]:
+    """What a run returns to the sweeper: one float (one metric, or the weighted sum) or one per
+    metric. A run outside the constraints scores the worst value (-inf when maximising, +inf when
+    minimising); a run without the metrics returns None (the sweeper marks the trial failed)."""
+    if any(m not in metrics for m in objective.metrics):
+        return None
+    if not feasible(metrics, objective):
+        values = [-math.inf if d == "maximize" else math.inf for d in objective.senses]
+    elif objective.weights:
+        values = [sum(w * metrics[m] for w, m in zip(objective.weights, objective.metrics))]
+    else:
+        values = [metrics[m] for m in objective.metrics]
+    return values[0] if len(values) == 1 else values
+
+
 @dataclass
 class Job:
     number: str
@@ -55,6 +151,7 @@ class Job:
     status: str
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    objective: Optional[float | list[float]] = None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -100,14 +197,49 @@ def read_sweep(sweep_dir: Path) -> tuple[list[Job], dict]:
 
 
 def _declaration(dirs: list[Path]) -> dict:
+    """The recipe's ``summary`` declaration, with its ``objective`` under the key ``objective``."""
     from omegaconf import OmegaConf
 
     for d in dirs:
         cfg = d / ".hydra" / "config.yaml"
         if cfg.exists():
-            node = OmegaConf.load(cfg).get("recipe", {}).get("summary")
-            return OmegaConf.to_container(node) if node is not None else {}
+            recipe = OmegaConf.load(cfg).get("recipe", {})
+            declared = OmegaConf.to_container(recipe.get("summary") or OmegaConf.create({}))
+            objective = recipe.get("objective")
+            if objective:
+                declared["objective"] = OmegaConf.to_container(objective)
+            return declared
     return {}
+
+
+def best_jobs(jobs: list[Job], objective: Objective) -> list[Job]:
+    """The best finished job (one objective value), or the jobs on the Pareto front (several);
+    jobs outside the constraints or without the metrics are never best."""
+    scored = [j for j in jobs if j.status == "done" and j.objective is not None]
+    values = {j.number: (j.objective if isinstance(j.objective, list) else [j.objective]) for j in scored}
+    scored = [j for j in scored if all(math.isfinite(v) for v in values[j.number])]
+    signs = [1 if d == "maximize" else -1 for d in objective.senses]
+    keys = {j.number: [s * v for s, v in zip(signs, values[j.number])] for j in scored}
+    if len(signs) == 1:
+        return [max(scored, key=lambda j: keys[j.number][0])] if scored else []
+    return [j for j in scored if not any(all(o >= v for o, v in zip(keys[k.number], keys[j.number]))
+                                         and keys[k.number] != keys[j.number] for k in scored)]
+
+
+def write_best(sweep_dir: Path, best: list[Job], objective: Objective) -> None:
+    """best.json (jobs, overrides, values) and the best job's composed config as best.yaml (with
+    several objectives, best-<job>.yaml for every job on the front)."""
+    for stale in [*sweep_dir.glob("best-*.yaml"), sweep_dir / "best.yaml"]:
+        stale.unlink(missing_ok=True)
+    for job in best:
+        source = job.path / ".hydra" / "config.yaml"
+        if source.exists():
+            name = "best.yaml" if len(objective.senses) == 1 else f"best-{job.number}.yaml"
+            write_text(sweep_dir / name, source.read_text())
+    write_json(sweep_dir / "best.json", {
+        "objective": {"metrics": objective.metrics, "directions": objective.directions,
+                      "weights": objective.weights, "constraints": objective.constraints},
+        "best": [{"job": j.number, "dir": str(j.path), "overrides": j.overrides, "value": j.objective} for j in best]})
 
 
 def figures_of(jobs: list[Job], declared: dict) -> list[str]:
@@ -147,34 +279,54 @@ def _fmt(value: Optional[float]) -> str:
     return f"{value:.4g}"
 
 
-def render_csv(jobs: list[Job]) -> str:
+def _objective_text(value: Optional[float | list[float]]) -> str:
+    if value is None:
+        return ""
+    return " ".join(_fmt(v) if math.isfinite(v) else "infeasible" for v in (value if isinstance(value, list) else [value]))
+
+
+def render_csv(jobs: list[Job], with_objective: bool = False) -> str:
     columns = list(dict.fromkeys(k for job in jobs for k in job.metrics))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["job", "overrides", "status", "error", *columns])
+    writer.writerow(["job", "overrides", "status", "error", *(["objective"] if with_objective else []), *columns])
     for job in jobs:
         writer.writerow([job.number, " ".join(job.overrides), job.status, job.error,
+                         *([_objective_text(job.objective)] if with_objective else []),
                          *(job.metrics.get(c, "") for c in columns)])
     return buf.getvalue()
 
 
-def render_markdown(jobs: list[Job], figures: list[str], fronts: list[Front], sweep_dir: Path) -> str:
+def render_markdown(jobs: list[Job], figures: list[str], fronts: list[Front], sweep_dir: Path,
+                    objective: Optional[Objective] = None, best: Optional[list[Job]] = None) -> str:
     on_front = _front_membership(jobs, fronts)
     counts = {s: sum(j.status == s for j in jobs) for s in ("done", "failed", "incomplete")}
     lines = [f"# Sweep summary: {sweep_dir}", "",
              f"{len(jobs)} jobs: {counts['done']} done, {counts['failed']} failed, {counts['incomplete']} incomplete.", ""]
-    head = ["job", "overrides", "status", *figures] + (["Pareto"] if fronts else [])
+    head = ["job", "overrides", "status", *figures] + (["objective"] if objective else []) + (["Pareto"] if fronts else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for job in jobs:
         status = job.status if not job.error else f"{job.status}: {job.error}"
         row = [job.number, "`" + " ".join(job.overrides) + "`" if job.overrides else "", status.replace("|", "/"),
                *(_fmt(job.metrics.get(f)) for f in figures)]
+        if objective:
+            mark = " **best**" if best and job in best else ""
+            row.append(_objective_text(job.objective) + mark)
         if fronts:
             row.append(", ".join(str(i + 1) for i, members in enumerate(on_front) if job.number in members))
         lines.append("| " + " | ".join(row) + " |")
     for i, front in enumerate(fronts):
         lines += ["", f"Front {i + 1}: {front.y} ({front.y_goal}) against {front.x} ({front.x_goal}); "
                   f"jobs on it: {', '.join(sorted(on_front[i], key=str)) or 'none'}."]
+    if objective:
+        goal = " and ".join(f"{d} {m}" for d, m in zip(objective.directions, objective.metrics))
+        if objective.weights:
+            goal = f"{objective.directions[0]} " + " + ".join(f"{w:g}·{m}" for w, m in zip(objective.weights, objective.metrics))
+        limits = "; ".join(f"{k} in [{b.get('min', '-inf')}, {b.get('max', 'inf')}]" for k, b in objective.constraints.items())
+        lines += ["", f"Objective: {goal}" + (f", subject to {limits}" if limits else "") + ". "
+                  + ((f"Best: job {best[0].number} (config in best.yaml)." if len(objective.senses) == 1 else
+                      f"Pareto front: jobs {', '.join(j.number for j in best)} (configs in best-<job>.yaml).")
+                     if best else "No finished job meets the objective's constraints.")]
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +369,8 @@ def plot(jobs: list[Job], figures: list[str], fronts: list[Front], png: Path) ->
             ax.legend(fontsize=8)
         else:
             done = [j for j in jobs if panel in j.metrics]
-            ax.bar([j.number for j in done], [j.metrics[panel] for j in done], color="C0")
+            ax.bar(range(len(done)), [j.metrics[panel] for j in done], color="C0")
+            ax.set_xticks(range(len(done)), [j.number for j in done])
             ax.set_xlabel("job")
             ax.set_ylabel(panel)
         ax.grid(alpha=0.3)
@@ -228,19 +381,29 @@ def plot(jobs: list[Job], figures: list[str], fronts: list[Front], png: Path) ->
 
 
 def summarize(sweep_dir: str | Path) -> dict:
-    """Write summary.csv / summary.md / summary.png into ``sweep_dir``; returns counts and paths."""
+    """Write summary.csv / summary.md / summary.png (and best.json / best.yaml when the recipe declares
+    an objective) into ``sweep_dir``; returns counts and paths."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DsframeError(f"sweep directory not found: {sweep_dir}")
     jobs, declared = read_sweep(sweep_dir)
     figures, fronts = figures_of(jobs, declared), fronts_of(declared)
-    write_text(sweep_dir / "summary.csv", render_csv(jobs))
-    write_text(sweep_dir / "summary.md", render_markdown(jobs, figures, fronts, sweep_dir))
+    objective = parse_objective(declared.get("objective"))
+    best: list[Job] = []
+    if objective is not None:
+        for job in jobs:
+            job.objective = objective_value(job.metrics, objective) if job.status == "done" else None
+        best = best_jobs(jobs, objective)
+        write_best(sweep_dir, best, objective)
+    write_text(sweep_dir / "summary.csv", render_csv(jobs, objective is not None))
+    write_text(sweep_dir / "summary.md", render_markdown(jobs, figures, fronts, sweep_dir, objective, best))
     drawn = plot(jobs, figures, fronts, sweep_dir / "summary.png")
     result = {"jobs": len(jobs), "failed": sum(j.status == "failed" for j in jobs),
               "incomplete": sum(j.status == "incomplete" for j in jobs), "summary": str(sweep_dir / "summary.md")}
     if drawn:
         result["plot"] = str(sweep_dir / "summary.png")
+    if objective is not None:
+        result["best"] = [j.number for j in best]
     return result
 
 

@@ -6,7 +6,6 @@ may add to or replace the loss through ``Plugin.loss``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import lightning.pytorch as pl
@@ -18,21 +17,7 @@ from torch import nn
 from dsframe.batch import accepted_inputs, batch_size, model_inputs
 from dsframe.data import sync_epoch_length, train_batch_sampler
 from dsframe.errors import ConfigError
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError("optim.lr", self.lr, "a float > 0")
-        if self.weight_decay < 0:
-            raise ConfigError("optim.weight_decay", self.weight_decay, "a float >= 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError("optim.warmup_ratio", self.warmup_ratio, "a float in [0, 1)")
+from dsframe.optim import OptimConfig  # noqa: F401  (re-exported: dsframe.task.OptimConfig)
 
 
 class Task(pl.LightningModule):

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
-from dsframe.task import TASKS, OptimConfig
+from dsframe.loggers import LoggerConfig
+from dsframe.optim import TASK_KINDS as TASKS, OptimConfig  # no torch/Lightning: fast config errors
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
@@ -93,11 +94,16 @@ class RecipeConfig:
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     # what a sweep's summary shows: {figures: [metric keys], fronts: [{x, y, x_goal, y_goal}]}
     summary: Dict[str, Any] = field(default_factory=dict)
+    # what a search optimises / a sweep's best job: {metrics, directions, weights, constraints}
+    objective: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from dsframe.sweep import parse_objective
+
         if self.task not in TASKS:
             raise ConfigError("recipe.task", self.task, f"one of {', '.join(TASKS)}")
         _check_summary(self.summary)
+        parse_objective(self.objective)
         if not self.stages:
             raise ConfigError("recipe.stages", {}, "at least one stage")
 
@@ -135,6 +141,7 @@ class RunSpec:
     plugins: Dict[str, Any]  # plugin name -> its checked Config
     seed: int
     threads: Optional[int]
+    logger: Any = None  # dsframe.loggers.LoggerConfig
 
     def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
         """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
@@ -188,7 +195,7 @@ def _stage_key(stage: str, group: str):
         raise ConfigError(key, exc.value, exc.allowed) from None
 
 
-TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads")
+TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads", "logger")
 
 
 def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
@@ -221,7 +228,8 @@ def validate(cfg: DictConfig) -> RunSpec:
                    data=component_config(registry.data, cfg.get("data"), "data"),
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
-                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg))
+                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg),
+                   logger=to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger"))
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"

@@ -1,0 +1,51 @@
+"""Experiment loggers next to the CSV logs every fit stage keeps (``logger=csv|tensorboard|mlflow``).
+
+The runner always writes ``<stage>/logs/fit/metrics.csv`` (its curves and tests read it); the logger
+group adds one more Lightning logger to every fit segment:
+
+* ``logger=tensorboard``: event files in ``<stage>/logs/tensorboard/<segment>/``
+  (``tensorboard --logdir outputs``); needs ``tensorboard`` or ``tensorboardX``;
+* ``logger=mlflow``: one MLflow run per fit segment in the experiment named after the recipe, stored
+  in ``<run dir>/mlruns`` unless ``logger.tracking_uri`` says where; needs ``mlflow``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Optional
+
+from dsframe.errors import ConfigError
+
+KINDS = ("csv", "tensorboard", "mlflow")
+_NEEDS = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"
+    tracking_uri: Optional[str] = None  # mlflow: where runs are stored (null: <run dir>/mlruns)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError("logger.kind", self.kind, f"one of {', '.join(KINDS)}")
+        needs = _NEEDS.get(self.kind, ())
+        if needs and not any(find_spec(m) for m in needs):
+            raise ConfigError("logger.kind", self.kind, f"an installed logger: {self.kind} needs the package "
+                              f"{' or '.join(needs)} (pip install {needs[-1]}), or logger=csv")
+
+
+def extra_loggers(config: Optional[LoggerConfig], stage_dir: Path, version: str, recipe: str) -> list[Any]:
+    """The Lightning loggers a fit segment gets besides its CSVLogger (``version``: fit, fit-1, ...)."""
+    kind = config.kind if config is not None else "csv"
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return [TensorBoardLogger(save_dir=stage_dir / "logs", name="tensorboard", version=version,
+                                  default_hp_metric=False)]
+    if kind == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = config.tracking_uri or (stage_dir.parent / "mlruns").resolve().as_uri()
+        return [MLFlowLogger(experiment_name=recipe, run_name=f"{stage_dir.name}/{version}", tracking_uri=uri)]
+    return []
