@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
+from dsframe.resilience import CheckpointConfig, NonFiniteLossConfig
 from dsframe.task import TASKS, OptimConfig
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -135,6 +136,8 @@ class RunSpec:
     plugins: Dict[str, Any]  # plugin name -> its checked Config
     seed: int
     threads: Optional[int]
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite_loss: NonFiniteLossConfig = field(default_factory=NonFiniteLossConfig)
 
     def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
         """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
@@ -188,7 +191,8 @@ def _stage_key(stage: str, group: str):
         raise ConfigError(key, exc.value, exc.allowed) from None
 
 
-TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads")
+TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads", "checkpoint",
+            "nonfinite_loss")
 
 
 def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
@@ -221,7 +225,9 @@ def validate(cfg: DictConfig) -> RunSpec:
                    data=component_config(registry.data, cfg.get("data"), "data"),
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
-                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg))
+                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg),
+                   checkpoint=to_dataclass(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
+                   nonfinite_loss=to_dataclass(NonFiniteLossConfig, cfg.get("nonfinite_loss"), "nonfinite_loss"))
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
