@@ -240,8 +240,11 @@ def validate(cfg: DictConfig) -> RunSpec:
             cls = registry.plugins.get(plugin, key=f"{where}.plugins")
             if plugin not in spec.plugins:  # no options given: the Config defaults (may be refused)
                 spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
-        spec.stage_trainer(name)
+        stage_trainer = spec.stage_trainer(name)
         spec.stage_optim(name)
+        _check_options(stage, where)
+        if stage.run == "fit":
+            _check_layout(spec, stage_trainer)
         if stage.model and stage.init_from is not None:
             raise ConfigError(f"{where}.model", stage.model,
                               f"no overrides: this stage starts from stage '{stage.init_from}''s model.pt, "
@@ -249,6 +252,37 @@ def validate(cfg: DictConfig) -> RunSpec:
         spec.stage_model(name)
         seen.append(name)
     return spec
+
+
+def _check_options(stage: StageConfig, where: str) -> None:
+    """A stage function declares its options as a ``Config`` dataclass (as plugins do); they are
+    checked here, so a typo in the last stage's options fails before the first stage trains."""
+    if stage.run == "fit":
+        if stage.options:
+            raise ConfigError(f"{where}.options", stage.options,
+                              "no options: a fit stage is configured by plugins, trainer, optim and model")
+        return
+    schema = getattr(registry.stages.get(stage.run, key=f"{where}.run"), "Config", None)
+    if schema is not None:
+        try:
+            to_dataclass(schema, stage.options, f"{where}.options")
+        except ConfigError as exc:  # a schema may name its keys 'options.<key>'
+            key = exc.key.replace(f"{where}.options.options.", f"{where}.options.")
+            if key.startswith("options."):
+                key = f"{where}.{key}"
+            raise ConfigError(key, exc.value, exc.allowed) from None
+
+
+def _check_layout(spec: RunSpec, trainer: TrainerConfig) -> None:
+    """The strategy's layout against the world size and the loaders' batch sizes, before any
+    model or data is built."""
+    factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
+    check = getattr(factory, "validate_layout", None)
+    if check is None:
+        return
+    sizes = {f"data.{k}": getattr(spec.data, k) for k in ("batch_size", "eval_batch_size")
+             if isinstance(getattr(spec.data, k, None), int)}
+    check(spec.strategy, trainer.devices * trainer.num_nodes, sizes)
 
 
 def _threads(cfg: DictConfig) -> Optional[int]:
