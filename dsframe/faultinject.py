@@ -173,3 +173,93 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def trained_steps(stage_dir: Path, rank: int = 0) -> list[int]:
     path = stage_dir / f"trained-{rank}.txt"
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+# -- scenarios: one injected fault each, on real processes; shared by the tests and benchmarks/faults.py --
+SINGLE = ["recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=1.0", "trainer.max_epochs=2",
+          "checkpoint.every_n_steps=4", "+recipe.stages.finetune.plugins=[fault_pause]"]
+DDP = ["recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=1.0", "trainer.max_epochs=2",
+       "strategy=ddp", "trainer.devices=2", "strategy.timeout_s=60", "checkpoint.every_n_steps=2",
+       "+recipe.stages.finetune.plugins=[fault_pause]"]
+HYBRID = ["recipe=lm_hybrid_parallel", "debug=lm_fast", "trainer.max_steps=10", "strategy.tp=2", "strategy.pp=1",
+          "strategy.micro_batches=1", "trainer.devices=2", "strategy.timeout_s=60", "checkpoint.every_n_steps=4",
+          "trainer.enable_progress_bar=false", "+recipe.stages.train.plugins=[fault_pause]"]
+LAYOUTS = {"single": (SINGLE, "finetune", 4), "ddp": (DDP, "finetune", 2), "hybrid": (HYBRID, "train", 4)}
+
+
+@dataclass
+class Outcome:
+    """What one injected fault did: the interrupted run and the rerun of the same command."""
+
+    fault: str
+    rc: int  # exit status of the interrupted run (negative: killed by that signal)
+    stderr_tail: str
+    left_running: list  # processes of the run still alive after it ended (orphan ranks)
+    rerun_rc: Optional[int]
+    trained: list  # global steps finished by rank 0, both runs together, in order
+    final_step: Optional[int]
+    interval: int
+    stage_dir: Path
+    seconds: float
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps trained twice because the rerun resumed from an earlier point than the stop."""
+        return len(self.trained) - len(set(self.trained))
+
+    @property
+    def traceback(self) -> bool:
+        return "Traceback (most recent call last)" in self.stderr_tail
+
+    @property
+    def survived(self) -> bool:
+        return (self.rc != 0 and not self.left_running and not self.traceback and self.rerun_rc == 0
+                and self.final_step is not None and sorted(set(self.trained)) == list(range(1, self.final_step + 1))
+                and self.lost_steps <= self.interval)
+
+
+def interrupt(run_dir: Path, plugin_dir: Path, layout: str = "single", how: str = "SIGTERM", target: str = "group",
+              at_step: int = 5, in_finalize: bool = False, rerun: bool = True, timeout: float = 300) -> Outcome:
+    """Run ``layout`` until rank(s) pause at ``at_step``, then send ``how`` to ``target`` ('group':
+    the whole process group, as SLURM does; 'rank1': that rank only), wait for the end, and (``rerun``)
+    run the same command again."""
+    import json
+
+    base, stage, interval = LAYOUTS[layout]
+    args = [*base, f"hydra.run.dir={run_dir}", f"++plugins.fault_pause.at_step={-1 if in_finalize else at_step}",
+            f"++plugins.fault_pause.in_finalize={in_finalize}"]
+    if target == "rank1":
+        args.append("++plugins.fault_pause.rank=1")
+    stage_dir = Path(run_dir) / stage
+    started = time.monotonic()
+    proc = start(args, cwd=Path(run_dir).parent, plugin_dir=plugin_dir)
+    watched: list[int] = []
+    if how:
+        marker = stage_dir / ("paused-1" if target == "rank1" else "paused-0")
+        if not wait_for(marker, proc, timeout):
+            proc.kill()
+            raise RuntimeError(f"the run never reached the fault: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.3)  # every rank inside its pause
+        watched = [proc.pid, *descendants(proc.pid)]
+        sig = getattr(signal, how)
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(rank_pids(stage_dir)[1], sig)
+    _, err = proc.communicate(timeout=timeout)
+    time.sleep(0.2)
+    left = [p for p in watched if alive(p)]
+    rerun_rc = None
+    if rerun:
+        again = start(args, cwd=Path(run_dir).parent, plugin_dir=plugin_dir)
+        _, rerr = again.communicate(timeout=timeout)
+        rerun_rc = again.returncode
+        if rerun_rc != 0:
+            err += "\n--- rerun ---\n" + rerr
+    metrics = stage_dir / "metrics.json"
+    final = None
+    if (stage_dir / "checkpoints" / "last.ckpt").exists() and metrics.exists():
+        final = json.loads(metrics.read_text()).get("global_step")
+    return Outcome(f"{layout}:{how or 'none'}:{target}{':finalize' if in_finalize else ''}", proc.returncode,
+                   err[-3000:], left, rerun_rc, trained_steps(stage_dir), final, interval, stage_dir,
+                   round(time.monotonic() - started, 1))

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -150,6 +151,9 @@ class StageGuard(pl.Callback):
         self.skipped = 0
 
     # -- signals: remembered by the handler, acted on at the next batch end by all ranks ------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _end_with_parent()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning registered its SIGTERM handler (it broadcasts from inside the handler,
         # which can deadlock ranks): ours only records the signal. Lightning restores the
@@ -294,6 +298,20 @@ def _set_metric_states(module: torch.nn.Module, states: dict) -> None:
         for key, value in state.items():
             setattr(metric, key, value)
         metric._computed = None
+
+
+def _end_with_parent() -> None:
+    """A forked rank gets SIGTERM (so it saves and stops) when the launching process dies, even
+    by SIGKILL: no rank keeps training, or waits in a collective, as an orphan (Linux only)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if not multiprocessing.parent_process().is_alive():
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _remove(path: Path) -> None:

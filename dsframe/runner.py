@@ -149,7 +149,8 @@ class Runner:
                                  logger=logger, default_root_dir=ctx.stage_dir, enable_model_summary=False)
             defer_signals()  # the ranks save a checkpoint at the next batch end, then the run exits
             try:
-                trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
+                trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None,
+                            weights_only=True)  # a checkpoint is data, never code
             except Exception as exc:  # a rank of a multi-process fit died: one line, not its traceback
                 raise _rank_failure(exc, name, ckpt_dir) or exc
             finally:
@@ -164,7 +165,7 @@ class Runner:
                      request["trainer"], request.get("reason", ""))
             if rank_zero_only.rank == 0:
                 write_json(ctx.stage_dir / SEGMENTS_FILE, segments)
-        metrics = {"fit": _scalars(trainer.callback_metrics)}
+        metrics = {"fit": _scalars(trainer.callback_metrics), "global_step": _final_step(trainer, ckpt_dir)}
         for plugin in plugins:
             model = plugin.finalize(model)
         task.model = model
@@ -235,6 +236,14 @@ def _resume_checkpoint(ckpt_dir: Path, stage: str, task: torch.nn.Module) -> tup
     return path, step
 
 
+def _final_step(trainer: pl.Trainer, ckpt_dir: Path) -> int:
+    """The stage's last global step (forked ranks leave the launching process's trainer at 0)."""
+    last = ckpt_dir / "last.ckpt"
+    if trainer.global_step or not last.exists():
+        return trainer.global_step
+    return (_dcp_shapes(last) if last.is_dir() else _file_shapes(last))[1]
+
+
 def _check_interrupted(stage_dir: Path, stage: str) -> None:
     """After a fit that a signal ended (the ranks saved and wrote ``interrupted.json``), or one
     the launching process was told to end: exit 128 + signal, so a scheduler requeues the job."""
@@ -255,7 +264,7 @@ def _check_interrupted(stage_dir: Path, stage: str) -> None:
 def _rank_failure(exc: BaseException, stage: str, ckpt_dir: Path) -> DsframeError | None:
     """A rank of a forked multi-process fit that died or raised, as one line (its DsframeError
     message when it raised one) naming the checkpoint a rerun resumes from."""
-    from torch.multiprocessing import ProcessException
+    from torch.multiprocessing.spawn import ProcessException
 
     if not isinstance(exc, ProcessException):
         return None
