@@ -5,7 +5,7 @@
 Interruptions (``dsframe.faultinject.interrupt``): SIGTERM / SIGINT / SIGKILL of a single-process
 fit, SIGTERM after the fit (outside Lightning's loop), and for a 2-rank DDP run and a 2-rank
 tensor-parallel (hybrid tp=2) run: SIGTERM of the whole process group (as SLURM does), SIGTERM
-and SIGKILL of rank 1. Each is followed by a rerun of the same command. ``survived``: non-zero
+and SIGKILL of rank 1, and (DDP) SIGKILL of the launching process. Each is followed by a rerun of the same command. ``survived``: non-zero
 exit, no process left running, no traceback, the rerun finishes with every step trained and at
 most one checkpoint interval trained twice (``lost_steps``).
 
@@ -33,6 +33,7 @@ from dsframe.machine import machine_info
 INTERRUPTIONS = [  # (layout, signal, target, at_step)
     ("single", "SIGTERM", "group", 5), ("single", "SIGINT", "group", 5), ("single", "SIGKILL", "group", 7),
     ("ddp", "SIGTERM", "group", 3), ("ddp", "SIGTERM", "rank1", 3), ("ddp", "SIGKILL", "rank1", 3),
+    ("ddp", "SIGKILL", "launcher", 3),
     ("hybrid", "SIGTERM", "group", 6), ("hybrid", "SIGTERM", "rank1", 6), ("hybrid", "SIGKILL", "rank1", 6),
 ]
 TINY = ["recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=1.0", "checkpoint.every_n_steps=2"]

@@ -221,7 +221,8 @@ class Outcome:
 def interrupt(run_dir: Path, plugin_dir: Path, layout: str = "single", how: str = "SIGTERM", target: str = "group",
               at_step: int = 5, in_finalize: bool = False, rerun: bool = True, timeout: float = 300) -> Outcome:
     """Run ``layout`` until rank(s) pause at ``at_step``, then send ``how`` to ``target`` ('group':
-    the whole process group, as SLURM does; 'rank1': that rank only), wait for the end, and (``rerun``)
+    the whole process group, as SLURM does; 'rank1': that rank only; 'launcher': the process that
+    forked the ranks), wait until every process has closed its output, and (``rerun``)
     run the same command again."""
     import json
 
@@ -244,6 +245,8 @@ def interrupt(run_dir: Path, plugin_dir: Path, layout: str = "single", how: str 
         sig = getattr(signal, how)
         if target == "group":
             os.killpg(proc.pid, sig)
+        elif target == "launcher":  # the launching process only: its forked ranks must not live on
+            os.kill(proc.pid, sig)
         else:
             os.kill(rank_pids(stage_dir)[1], sig)
     _, err = proc.communicate(timeout=timeout)

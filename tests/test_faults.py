@@ -63,14 +63,18 @@ def test_sigterm_outside_the_fit_is_not_a_success(tmp_path, plugin_dir):
     assert not (out.stage_dir / "stage.json").exists() and not out.traceback
 
 
-@pytest.mark.parametrize("how, target", [("SIGTERM", "group"), ("SIGKILL", "rank1")])
-def test_ddp_ranks_all_end_and_the_rerun_resumes(tmp_path, plugin_dir, how, target):
+@pytest.mark.parametrize("how, target, code, lost", [
+    ("SIGTERM", "group", 143, 0),  # as SLURM preempts: every rank saves at the same step
+    ("SIGKILL", "rank1", 1, 1),  # the peer's collective fails, the launcher ends the rest
+    ("SIGKILL", "launcher", -9, 0),  # the forked ranks get SIGTERM from the kernel and save
+])
+def test_ddp_ranks_all_end_and_the_rerun_resumes(tmp_path, plugin_dir, how, target, code, lost):
     out = faultinject.interrupt(tmp_path / "run", plugin_dir, "ddp", how=how, target=target, at_step=3)
     assert out.left_running == [], "orphan ranks"
-    assert out.rc == (143 if how == "SIGTERM" else 1), out.stderr_tail
+    assert out.rc == code, out.stderr_tail
     assert not out.traceback and out.rerun_rc == 0, out.stderr_tail
     assert out.final_step == 8 and sorted(set(out.trained)) == list(range(1, 9))
-    assert out.lost_steps == (0 if how == "SIGTERM" else 1) and out.survived
+    assert out.lost_steps == lost and out.survived
     if how == "SIGKILL":
         assert "a rank stopped (process 1 terminated with signal SIGKILL)" in out.stderr_tail
 
