@@ -182,3 +182,9 @@ def test_eval_batch_is_checked_against_pipeline_micro_batches_before_building(co
     with pytest.raises(ConfigError) as err:
         validate(compose("recipe=lm_hybrid_parallel", "data.eval_batch_size=30"))
     assert err.value.key == "data.eval_batch_size" and "micro_batches=4" in err.value.allowed
+
+
+def test_time_interval_checkpoints(compose, tmp_path):
+    """every_minutes alone: with an interval shorter than a step, every step is checkpointed."""
+    _run(compose, tmp_path, "trainer.max_steps=3", "checkpoint.every_n_steps=null", "checkpoint.every_minutes=1e-6")
+    assert _ckpts(tmp_path / "finetune") == ["last.ckpt", "step-00000002.ckpt", "step-00000003.ckpt"]
