@@ -113,8 +113,9 @@ def file_faults(work: Path, plugin_dir: Path) -> list[dict]:
             newest.write_bytes({"truncated": data[: len(data) // 2], "zero-byte": b"",
                                 "garbage": b"\x00not a checkpoint" * 64}[damage])
         rc, err = run_cli([*TINY, f"hydra.run.dir={run}", *extra], work, plugin_dir)
+        # a damaged file is named itself; another model's checkpoints are all refused, the first one named
         row(f"checkpoint:{damage}", rc, err, loads(stage / "checkpoints" / "step-00000006.ckpt"),
-            "step-00000008.ckpt")
+            "differently shaped model (model.encoder" if damage == "other-shape" else "step-00000008.ckpt")
 
     run = work / "nan"
     rc, err = run_cli([*TINY, f"hydra.run.dir={run}", "+recipe.stages.finetune.plugins=[fault_nan]",
