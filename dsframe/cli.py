@@ -47,7 +47,7 @@ def _fail(exc: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
     print(f"dsframe: error: {exc}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(getattr(exc, "exit_code", 1))  # 143/130 after SIGTERM/SIGINT: a scheduler requeues the job
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dsframe.conf", config_name="config")

@@ -30,12 +30,16 @@ def unknown_key_message(args: list[str]) -> Optional[str]:
         with initialize_config_module("dsframe.conf", version_base="1.3"):
             base = compose("config", overrides=[o.input_line for o in groups])
         for o in keys:
-            parent, _, leaf = o.key_or_group.rpartition(".")
-            node = OmegaConf.select(base, parent)
-            if node is not None and OmegaConf.is_dict(node) and leaf not in node:
-                allowed = ", ".join(str(k) for k in node.keys())
-                return (f"{o.key_or_group} is not a key of '{parent}' (override {o.input_line}); "
-                        f"allowed keys: {allowed}. To add a new key on purpose: +{o.input_line}")
+            parts = o.key_or_group.split(".")
+            for depth in range(1, len(parts)):  # the first missing key under an existing mapping
+                parent, leaf = ".".join(parts[:depth]), parts[depth]
+                node = OmegaConf.select(base, parent)
+                if node is None or not OmegaConf.is_dict(node):
+                    break
+                if leaf not in node:
+                    allowed = ", ".join(str(k) for k in node.keys())
+                    return (f"{parent}.{leaf} is not a key of '{parent}' (override {o.input_line}); "
+                            f"allowed keys: {allowed}. To add a new key on purpose: +{o.input_line}")
     except Exception:  # anything else is Hydra's to report, with its own message
         return None
     finally:

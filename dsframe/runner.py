@@ -22,11 +22,13 @@ from omegaconf import OmegaConf
 
 from dsframe import registry
 from dsframe.config.schema import RunSpec
-from dsframe.errors import CheckpointError, ConfigError
+from dsframe.errors import CheckpointError, ConfigError, DsframeError
 from dsframe.io import write_json, write_text
 from dsframe.loggers import extra_loggers
 from dsframe.models import file_size_mb, load_model, save_model
 from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
+from dsframe.resilience import (INTERRUPT_FILE, ContinuingCSVLogger, Interrupted, StageGuard, clear_pending_signal,
+                                defer_signals, interval_checkpoints, pending_signal, raise_on_signals)
 from dsframe.strategies import forget_previous_job_port
 from dsframe.task import TASKS
 
@@ -71,6 +73,7 @@ class Runner:
             torch.set_num_threads(self.spec.threads)
         self.results: dict[str, Any] = {}
         self._save_config()
+        raise_on_signals()  # outside a fit a signal stops the run at once (exit 143/130)
         for name, stage in self.spec.recipe.stages.items():
             stage_dir = self.run_dir / name
             if is_done(stage_dir):
@@ -125,23 +128,36 @@ class Runner:
             if task is None:
                 task = TASKS[spec.recipe.task](model, plugins, spec.stage_optim(name),
                                                **({"num_classes": dm.num_classes} if spec.recipe.task == "classification" else {}))
-            callbacks = [*plugins, SegmentSwitch(ctx),
+            guard = StageGuard(ctx.stage_dir, name, spec.seed, spec.checkpoint, spec.nonfinite_loss)
+            callbacks = [*plugins, SegmentSwitch(ctx), guard,
                          ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                          enable_version_counter=False)]  # segments save last.ckpt too
             if trainer_cfg.enable_progress_bar:
                 callbacks.append(RichProgressBar(leave=True))
+            task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
+            resume, resume_step = _resume_checkpoint(ckpt_dir, name, task)
+            if resume is not None:
+                log.info("stage %s: resuming from %s (step %d)", name, resume, resume_step)
+            if rank_zero_only.rank == 0:
+                (ctx.stage_dir / INTERRUPT_FILE).unlink(missing_ok=True)
             forget_previous_job_port()
-            version = "fit" if not segments else f"fit-{len(segments)}"  # a CSVLogger clears its version
+            version = "fit" if not segments else f"fit-{len(segments)}"
+            start = segments[-1]["start_step"] if segments else 0
+            logger = ContinuingCSVLogger(save_dir=ctx.stage_dir, name="logs", version=version,
+                                         resume_step=resume_step if resume is not None and resume_step > start else None)
             trainer = pl.Trainer(**dataclasses.asdict(trainer_cfg),
                                  strategy=factory.build(spec.strategy, trainer_cfg), callbacks=callbacks,
-                                 logger=[CSVLogger(save_dir=ctx.stage_dir, name="logs", version=version),
-                                         *extra_loggers(spec.logger, ctx.stage_dir, version, spec.recipe.name)],
+                                 logger=[logger, *extra_loggers(spec.logger, ctx.stage_dir, version, spec.recipe.name)],
                                  default_root_dir=ctx.stage_dir, enable_model_summary=False)
-            task.train()  # from_pretrained leaves modules in eval mode, and Lightning keeps each module's mode
-            resume = _resume_checkpoint(ckpt_dir, name, task)
-            if resume is not None:
-                log.info("stage %s: resuming from %s", name, resume)
-            trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
+            defer_signals()  # the ranks save a checkpoint at the next batch end, then the run exits
+            try:
+                trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None,
+                            weights_only=True)  # a checkpoint is data, never code
+            except Exception as exc:  # a rank of a multi-process fit died: one line, not its traceback
+                raise _rank_failure(exc, name, ckpt_dir) or exc
+            finally:
+                raise_on_signals()
+            _check_interrupted(ctx.stage_dir, name)
             request = _segment_request(ctx.stage_dir, segments)
             if request is None:
                 break
@@ -151,7 +167,7 @@ class Runner:
                      request["trainer"], request.get("reason", ""))
             if rank_zero_only.rank == 0:
                 write_json(ctx.stage_dir / SEGMENTS_FILE, segments)
-        metrics = {"fit": _scalars(trainer.callback_metrics)}
+        metrics = {"fit": _scalars(trainer.callback_metrics), "global_step": _final_step(trainer, ckpt_dir)}
         for plugin in plugins:
             model = plugin.finalize(model)
         task.model = model
@@ -208,16 +224,65 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _resume_checkpoint(ckpt_dir: Path, stage: str, task: torch.nn.Module) -> Path | None:
-    """The checkpoint to continue from: ``last.ckpt``, or the checkpoint taken at a segment switch
-    when it is at least as far (the ending Trainer rewrites ``last.ckpt`` at the same step, but
-    as a finished fit that would start the next epoch)."""
-    found = [(_check_checkpoint(ckpt_dir / f, stage, task), f == SEGMENT_CHECKPOINT, ckpt_dir / f)
-             for f in ("last.ckpt", SEGMENT_CHECKPOINT) if (ckpt_dir / f).exists()]
-    return max(found)[2] if found else None
+def _resume_checkpoint(ckpt_dir: Path, stage: str, task: torch.nn.Module) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its global step: the furthest of ``last.ckpt``, the
+    checkpoint of a segment switch and the interval checkpoints (``step-N.ckpt``). At equal steps
+    the latter two win: an ending Trainer rewrites ``last.ckpt`` at the same step, but as a
+    finished fit that would start the next epoch."""
+    paths = [ckpt_dir / f for f in ("last.ckpt", SEGMENT_CHECKPOINT) if (ckpt_dir / f).exists()]
+    paths += [p for _, p in interval_checkpoints(ckpt_dir)]
+    found = [(_check_checkpoint(p, stage, task, paths), p.name != "last.ckpt", p) for p in paths]
+    if not found:
+        return None, 0
+    step, _, path = max(found)
+    return path, step
 
 
-def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> int:
+def _final_step(trainer: pl.Trainer, ckpt_dir: Path) -> int:
+    """The stage's last global step (forked ranks leave the launching process's trainer at 0)."""
+    last = ckpt_dir / "last.ckpt"
+    if trainer.global_step or not last.exists():
+        return trainer.global_step
+    return (_dcp_shapes(last) if last.is_dir() else _file_shapes(last))[1]
+
+
+def _check_interrupted(stage_dir: Path, stage: str) -> None:
+    """After a fit that a signal ended (the ranks saved and wrote ``interrupted.json``), or one
+    the launching process was told to end: exit 128 + signal, so a scheduler requeues the job."""
+    record_path = stage_dir / INTERRUPT_FILE
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    signum = record["signum"] if record else pending_signal()
+    clear_pending_signal()
+    if signum is None:
+        return
+    import signal as _signal
+
+    name = _signal.Signals(signum).name
+    where = (f"checkpoint at step {record['global_step']}: {record['checkpoint']}" if record
+             else "no checkpoint written by this fit")
+    raise Interrupted(signum, f"stage '{stage}' interrupted by {name}; {where}. Rerun the same command to resume.")
+
+
+def _rank_failure(exc: BaseException, stage: str, ckpt_dir: Path) -> DsframeError | None:
+    """A rank of a forked multi-process fit that died or raised, as one line (its DsframeError
+    message when it raised one) naming the checkpoint a rerun resumes from."""
+    from torch.multiprocessing.spawn import ProcessException
+
+    if not isinstance(exc, ProcessException):
+        return None
+    found = interval_checkpoints(ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    resume = found[-1][1] if found else (last if last.exists() else None)
+    text = str(exc).strip().splitlines()
+    own = [line for line in text if line.startswith(("dsframe.errors.", "dsframe.resilience."))]
+    what = own[-1].split(": ", 1)[-1] if own else (text[-1] if text else type(exc).__name__)
+    if own:
+        return DsframeError(what)
+    return DsframeError(f"stage '{stage}': a rank stopped ({what[:200]}); the other ranks were ended. "
+                        f"Rerun the same command to resume from {resume or 'the start of the stage'}.")
+
+
+def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module, others: list[Path] = ()) -> int:
     """Read the checkpoint's tensor shapes once (weights only) so a damaged file, or one written by
     a differently shaped model, is named in one line instead of a stack trace; returns its global
     step. A folder is a distributed (DCP) checkpoint of a parallel run; only its metadata is read."""
@@ -225,9 +290,11 @@ def _check_checkpoint(path: Path, stage: str, task: torch.nn.Module) -> int:
         shapes, step = _dcp_shapes(path) if path.is_dir() else _file_shapes(path)
     except Exception as exc:  # any unreadable file ends the same way
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        kept = [p.name for p in others if p != path]
+        then = f"to resume from {', '.join(kept)} instead" if kept else "to restart the stage"
         raise CheckpointError(f"cannot resume stage '{stage}' from {path}: the file is damaged or not a "
-                              f"Lightning checkpoint ({reason}). Delete it to restart the stage; "
-                              "earlier stages are kept.") from None
+                              f"Lightning checkpoint ({reason}). Delete it {then}; earlier stages and "
+                              "other checkpoints are kept.") from None
     expected = {k: tuple(v.shape) for k, v in task.state_dict().items()}
     differ = [k for k in expected if k in shapes and shapes[k] != expected[k]]
     missing = [k for k in expected if k not in shapes]

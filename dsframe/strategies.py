@@ -50,6 +50,11 @@ class StrategyFactory:
     def validate_plugins(self, config: Any, plugins: list) -> None:
         """Reject plugins this layout cannot run (raise ConfigError); called before launch."""
 
+    def validate_layout(self, config: Any, world_size: int, batch_sizes: dict) -> None:
+        """Checks that need neither model nor data, run when the config is validated (before
+        anything is built): ``batch_sizes`` maps config keys (``data.batch_size``,
+        ``data.eval_batch_size``) to per-rank loader batch sizes. Raise ConfigError."""
+
     def build(self, config: Any, trainer: Any) -> Any:
         """A Lightning Strategy instance or name, for ``trainer`` (the stage's TrainerConfig)."""
         raise TypeError(f"{type(self).__name__} must define build()")

@@ -135,3 +135,10 @@ def test_cli_config_error_leaves_no_run_directory(tmp_path):
     (run_dir / "finetune").mkdir(parents=True)
     proc = run_cli("recipe=sentiment", "threads=abc", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 1 and (run_dir / "finetune").is_dir()
+
+
+def test_an_override_under_a_missing_key_names_the_first_missing_one():
+    from dsframe.precheck import unknown_key_message
+
+    message = unknown_key_message(["recipe=sentiment", "model.hf_config.num_attention_heads=5"])
+    assert message.startswith("model.hf_config is not a key of 'model'") and "+model.hf_config." in message

@@ -13,6 +13,7 @@ from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
 from dsframe.loggers import LoggerConfig
 from dsframe.optim import TASK_KINDS as TASKS, OptimConfig  # no torch/Lightning: fast config errors
+from dsframe.resilience_config import CheckpointConfig, NonFiniteLossConfig
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
@@ -142,6 +143,8 @@ class RunSpec:
     seed: int
     threads: Optional[int]
     logger: Any = None  # dsframe.loggers.LoggerConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite_loss: NonFiniteLossConfig = field(default_factory=NonFiniteLossConfig)
 
     def stage_trainer(self, stage: str, segment: Optional[Dict[str, Any]] = None) -> TrainerConfig:
         """The stage's trainer settings; ``segment`` holds a later segment's changes to them."""
@@ -195,7 +198,8 @@ def _stage_key(stage: str, group: str):
         raise ConfigError(key, exc.value, exc.allowed) from None
 
 
-TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads", "logger")
+TOP_KEYS = ("recipe", "model", "data", "trainer", "strategy", "optim", "plugins", "seed", "threads", "logger",
+            "checkpoint", "nonfinite_loss")
 
 
 def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
@@ -229,7 +233,9 @@ def validate(cfg: DictConfig) -> RunSpec:
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
                    optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg),
-                   logger=to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger"))
+                   logger=to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger"),
+                   checkpoint=to_dataclass(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
+                   nonfinite_loss=to_dataclass(NonFiniteLossConfig, cfg.get("nonfinite_loss"), "nonfinite_loss"))
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
@@ -242,8 +248,11 @@ def validate(cfg: DictConfig) -> RunSpec:
             cls = registry.plugins.get(plugin, key=f"{where}.plugins")
             if plugin not in spec.plugins:  # no options given: the Config defaults (may be refused)
                 spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
-        spec.stage_trainer(name)
+        stage_trainer = spec.stage_trainer(name)
         spec.stage_optim(name)
+        _check_options(stage, where)
+        if stage.run == "fit":
+            _check_layout(spec, stage_trainer)
         if stage.model and stage.init_from is not None:
             raise ConfigError(f"{where}.model", stage.model,
                               f"no overrides: this stage starts from stage '{stage.init_from}''s model.pt, "
@@ -251,6 +260,37 @@ def validate(cfg: DictConfig) -> RunSpec:
         spec.stage_model(name)
         seen.append(name)
     return spec
+
+
+def _check_options(stage: StageConfig, where: str) -> None:
+    """A stage function declares its options as a ``Config`` dataclass (as plugins do); they are
+    checked here, so a typo in the last stage's options fails before the first stage trains."""
+    if stage.run == "fit":
+        if stage.options:
+            raise ConfigError(f"{where}.options", stage.options,
+                              "no options: a fit stage is configured by plugins, trainer, optim and model")
+        return
+    schema = getattr(registry.stages.get(stage.run, key=f"{where}.run"), "Config", None)
+    if schema is not None:
+        try:
+            to_dataclass(schema, stage.options, f"{where}.options")
+        except ConfigError as exc:  # a schema may name its keys 'options.<key>'
+            key = exc.key.replace(f"{where}.options.options.", f"{where}.options.")
+            if key.startswith("options."):
+                key = f"{where}.{key}"
+            raise ConfigError(key, exc.value, exc.allowed) from None
+
+
+def _check_layout(spec: RunSpec, trainer: TrainerConfig) -> None:
+    """The strategy's layout against the world size and the loaders' batch sizes, before any
+    model or data is built."""
+    factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
+    check = getattr(factory, "validate_layout", None)
+    if check is None:
+        return
+    sizes = {f"data.{k}": getattr(spec.data, k) for k in ("batch_size", "eval_batch_size")
+             if isinstance(getattr(spec.data, k, None), int)}
+    check(spec.strategy, trainer.devices * trainer.num_nodes, sizes)
 
 
 def _threads(cfg: DictConfig) -> Optional[int]:

@@ -87,6 +87,15 @@ class HybridStrategyFactory(StrategyFactory):
         if batch_size is not None:
             dims.validate_batch(batch_size)
 
+    def validate_layout(self, config: HybridConfig, world_size: int, batch_sizes: dict) -> None:
+        dims = config.dims()
+        dims.validate_world(world_size)
+        for key, size in batch_sizes.items():  # evaluation batches are cut into micro-batches too
+            try:
+                dims.validate_batch(size)
+            except ConfigError as exc:
+                raise ConfigError(key, size, exc.allowed) from None
+
     def validate_plugins(self, config: HybridConfig, plugins: list) -> None:
         from dsframe.plugin import Plugin
 

@@ -410,3 +410,8 @@ def plot_report(rep: dict, png: Path) -> None:
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+# each stage function declares its options; dsframe checks them when it validates the config
+export.Config = ExportOptions
+evaluate.Config = EvaluateOptions
+report.Config = ReportOptions

@@ -363,3 +363,8 @@ def plot_report(rep: dict, run_dir: Path) -> list[Path]:
             fig.colorbar(im, ax=axes[1])
         save(fig, "report_gate.png")
     return out
+
+# each stage function declares its options; dsframe checks them when it validates the config
+train_seeds.Config = SeedsOptions
+evaluate.Config = EvaluateOptions
+report.Config = ReportOptions

@@ -251,3 +251,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     sys.exit(main(sys.argv[1:]))
+
+# each stage function declares its options; dsframe checks them when it validates the config
+profile.Config = ProfileOptions

@@ -1,0 +1,88 @@
+"""Injected faults on real processes (``python -m dsframe`` in its own process group): signals
+and kills of a single-process fit, of one rank and of the whole group of a 2-rank DDP run and of
+a tensor-parallel (hybrid tp=2) run. After each, every process has ended, the exit status says
+what happened (143 SIGTERM, 130 SIGINT, non-zero otherwise), and rerunning the same command
+finishes the stage: global step continues, at most one checkpoint interval is retrained, and a
+single-process run ends exactly where an uninterrupted one does (same losses, same test metrics)."""
+import json
+import signal
+
+import pytest
+
+from dsframe import faultinject
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    return faultinject.install(tmp_path_factory.mktemp("faultinject"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, plugin_dir):
+    """The same single-process command, never interrupted."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    out = faultinject.interrupt(run, plugin_dir, "single", how="", rerun=False)
+    assert out.rc == 0, out.stderr_tail
+    return out.stage_dir
+
+
+def _same_run(stage_dir, reference):
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (stage_dir, reference))
+    assert got["test"] == want["test"] and got["global_step"] == want["global_step"] == 16
+    # the training log continues in place: the rows (losses per step, epoch aggregates) of one run
+    assert (stage_dir / "logs/fit/metrics.csv").read_text() == (reference / "logs/fit/metrics.csv").read_text()
+    assert (stage_dir / "curves.png").exists()
+
+
+@pytest.mark.parametrize("how, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_saves_exits_with_its_code_and_the_rerun_equals_an_uninterrupted_run(tmp_path, plugin_dir,
+                                                                                     reference, how, code):
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "single", how=how, at_step=5)
+    assert out.rc == code, out.stderr_tail
+    assert f"interrupted by {how}; checkpoint at step 5" in out.stderr_tail and not out.traceback
+    assert out.rerun_rc == 0 and out.left_running == []
+    assert out.trained == list(range(1, 17))  # nothing retrained: the checkpoint was taken at the stop
+    _same_run(out.stage_dir, reference)
+
+
+def test_sigkill_loses_at_most_one_interval_and_the_rerun_equals_an_uninterrupted_run(tmp_path, plugin_dir,
+                                                                                       reference):
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "single", how="SIGKILL", at_step=7)
+    assert out.rc == -signal.SIGKILL and out.rerun_rc == 0
+    assert out.trained == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, *range(8, 17)]  # resumed from step-00000004.ckpt
+    assert out.lost_steps == 3 <= out.interval
+    _same_run(out.stage_dir, reference)
+
+
+def test_sigterm_outside_the_fit_is_not_a_success(tmp_path, plugin_dir):
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "single", how="SIGTERM", in_finalize=True,
+                                rerun=False)
+    assert out.rc == 143 and "interrupted by SIGTERM outside training" in out.stderr_tail
+    assert not (out.stage_dir / "stage.json").exists() and not out.traceback
+
+
+@pytest.mark.parametrize("how, target, code, lost", [
+    ("SIGTERM", "group", 143, 0),  # as SLURM preempts: every rank saves at the same step
+    ("SIGKILL", "rank1", 1, 1),  # the peer's collective fails, the launcher ends the rest
+    ("SIGKILL", "launcher", -9, 0),  # the forked ranks get SIGTERM from the kernel and save
+])
+def test_ddp_ranks_all_end_and_the_rerun_resumes(tmp_path, plugin_dir, how, target, code, lost):
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "ddp", how=how, target=target, at_step=3)
+    assert out.left_running == [], "orphan ranks"
+    assert out.rc == code, out.stderr_tail
+    assert not out.traceback and out.rerun_rc == 0, out.stderr_tail
+    assert out.final_step == 8 and sorted(set(out.trained)) == list(range(1, 9))
+    assert out.lost_steps == lost and out.survived
+    if target == "rank1":
+        assert "a rank stopped (process 1 terminated with signal SIGKILL)" in out.stderr_tail
+
+
+def test_tensor_parallel_rank_sigterm_saves_a_distributed_checkpoint_and_resumes(tmp_path, plugin_dir):
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "hybrid", how="SIGTERM", target="rank1", at_step=6)
+    assert out.rc == 143 and out.left_running == [] and out.rerun_rc == 0, out.stderr_tail
+    assert out.trained == list(range(1, 11)) and out.final_step == 10 and out.survived
+    ckpts = sorted(p.name for p in (out.stage_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step-00000006.ckpt", "step-00000008.ckpt"]  # keep_last=2, DCP folders
+    assert (out.stage_dir / "checkpoints/step-00000008.ckpt/.metadata").exists()
