@@ -225,7 +225,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         ap.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
-    base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model=MODEL, lr=0.1)
+    base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model={"kind": "gpt", **MODEL},
+                vocab=MODEL["vocab_size"], lr=0.1)
     from dsframe.machine import machine_info
 
     results = {"model": MODEL, "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "steps": args.steps,

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, ClassVar, Optional
 
 from dsframe.errors import ConfigError
+from dsframe.parallel import contract
 from dsframe.parallel.layout import ParallelDims
 from dsframe.strategies import LaunchConfig, StrategyFactory
 
@@ -50,18 +51,6 @@ class HybridConfig(LaunchConfig):
                             schedule=self.schedule)
 
 
-def dims_of(model: Any) -> dict:
-    """Layer / head / hidden / vocab sizes of a dsframe model, for the divisibility checks."""
-    kind = getattr(model, "kind", None)
-    if kind == "bert":
-        from dsframe.parallel.plans import bert_dims
-        return bert_dims(model)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "n_layer"):
-        return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size}
-    return {}
-
-
 class HybridStrategyFactory(StrategyFactory):
     name: ClassVar[str] = "hybrid"
     description: ClassVar[str] = ("data × tensor × pipeline parallel on one DeviceMesh (DTensor TP, "
@@ -69,21 +58,29 @@ class HybridStrategyFactory(StrategyFactory):
     Config: ClassVar[type] = HybridConfig
 
     def validate(self, config: HybridConfig, world_size: int, model: Any, batch_size: Optional[int]) -> None:
+        """Everything the model must offer comes from the parallel contract (dsframe.parallel.contract)."""
         dims = config.dims()
         dims.validate_world(world_size)
         kind = getattr(model, "kind", type(model).__name__)
-        if dims.pp > 1 and not hasattr(model, "pipeline_stage"):
+        if dims.pp > 1 and not contract.supports_pp(model):
+            need = ", ".join(contract.missing(model, contract.PP_METHODS))
             raise ConfigError("strategy.pp", dims.pp, f"1: model '{kind}' cannot be cut into pipeline stages "
-                                                      f"(a model needs pipeline_stage(); gpt has it)")
+                                                      f"(it lacks {need} of the parallel contract)")
+        divisible: dict[str, int] = {}
         if dims.tp > 1:
-            from dsframe.parallel.plans import tp_plan_for
+            if not contract.supports_tp(model):
+                need = ", ".join(contract.missing(model, contract.TP_METHODS))
+                raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan "
+                                                          f"(it lacks {need} of the parallel contract)")
             try:
-                tp_plan_for(model, **({"sequence_parallel": True} if config.sequence_parallel else {}))
-            except TypeError:
-                raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan") from None
-        model_dims = dims_of(model)
-        if model_dims:
-            dims.validate_model(**model_dims)
+                contract.tp_plan(model, sequence_parallel=config.sequence_parallel)
+            except NotImplementedError:
+                raise ConfigError("strategy.sequence_parallel", config.sequence_parallel,
+                                  f"false: model '{kind}' offers no sequence-parallel plan") from None
+            divisible = model.tp_divisible()
+        if dims.pp > 1 or divisible:
+            units = len(model.pipeline_units()) if dims.pp > 1 else dims.num_stages
+            dims.validate_model(units=units, divisible=divisible)
         if batch_size is not None:
             dims.validate_batch(batch_size)
 

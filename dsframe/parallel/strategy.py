@@ -42,9 +42,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.trainer.states import TrainerFn
 
 from dsframe.batch import batch_size
+from dsframe.parallel import contract
 from dsframe.parallel.layout import ParallelDims
 from dsframe.parallel.pipeline import StagePlan, build_schedule, plan_stages, stage_ids
-from dsframe.parallel.plans import tp_plan_for
 
 DP_MODES = ("allreduce", "fsdp")
 
@@ -183,11 +183,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
             if adds_loss:
                 raise RuntimeError(f"plugins {adds_loss} add a loss term, which a pipeline schedule (pp > 1) "
                                    f"does not apply: use pp=1 with them")
-            seq = self.seq_len or model.config.block_size
-            sample = torch.randint(0, model.config.vocab_size, (2, seq)) if self.balance == "measured" else None
-            plan = [plan_stages(model, d.num_stages, seq, method=self.balance, sample=sample)
-                    if self.global_rank == 0 or self.balance != "measured" else None]
-            if self.balance == "measured":   # timings differ per rank: everyone takes rank 0's split
+            measured = self.balance == "measured"
+            plan = [plan_stages(model, d.num_stages, self.seq_len, method=self.balance)
+                    if self.global_rank == 0 or not measured else None]
+            if measured:   # timings differ per rank: everyone takes rank 0's split
                 dist.broadcast_object_list(plan, src=0)
             self.stage_plan = plan[0]
             if self.global_rank == 0:
@@ -197,10 +196,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
             ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank)
             parts = [model.pipeline_stage(self.stage_plan.stages[i], first=(i == 0), last=(i == d.num_stages - 1))
                      for i in ids]
+            self._pipeline_inputs = model.pipeline_inputs
         if d.tp > 1:
             for part in parts:
-                plan = tp_plan_for(part, sequence_parallel=True) if self.sequence_parallel else tp_plan_for(part)
-                parallelize_module(part, self.device_mesh["tp"], plan)
+                parallelize_module(part, self.device_mesh["tp"],
+                                   contract.tp_plan(part, sequence_parallel=self.sequence_parallel))
         if d.dp > 1 and self.dp_mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
             for part in parts:
@@ -208,13 +208,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if d.pp > 1:
             from torch.distributed.pipelining import PipelineStage
 
-            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank)
             group = self.device_mesh["pp"].get_group()
             self._stages = [PipelineStage(part.to(self.root_device), i, d.num_stages, self.root_device, group=group)
                             for part, i in zip(parts, ids)]
             self._has_first = 0 in ids
             self._has_last = d.num_stages - 1 in ids
-            setattr(task, self.model_attr, _merge_stages(model, parts))
+            setattr(task, self.model_attr, contract.merge_stages(parts))
         elif d.tp > 1 or (d.dp > 1 and self.dp_mode == "fsdp"):
             setattr(task, self.model_attr, parts[0])
 
@@ -236,52 +235,73 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if self.dims.pp == 1:
             return super().training_step(*args, **kwargs)
         batch = args[0]
+        task = self.lightning_module
         params = self._params()
         kept = [p.grad for p in params]          # accumulated grads of earlier micro-steps
         for p in params:
             p.grad = None
+        # the task's train metrics need the logits; most tasks (LM) do not, so they are not sent
+        wants_logits = _overrides(task, "on_train_logits")
         with self.precision_plugin.train_step_context():   # autocast under bf16-mixed, as Lightning does
-            loss = self._run_pipeline(batch, train=True)
+            loss, logits = self._run_pipeline(batch, train=True, want_logits=wants_logits)
         self._pp_grads = [p.grad for p in params]  # put aside: Lightning zero_grads before backward
         for p, g in zip(params, kept):
             p.grad = g
-        self.lightning_module.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        # what Task.training_step does after its loss: count samples (the LR schedule runs on them), log
+        if hasattr(task, "samples_seen"):
+            task.samples_seen += batch_size(batch) * task.trainer.world_size
+        task.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        if logits is not None:
+            task.on_train_logits(logits, batch)
         return loss
 
-    def _run_pipeline(self, batch, train: bool) -> torch.Tensor:
+    def _run_pipeline(self, batch, train: bool, want_logits: bool = False):
+        """One schedule step (train) or forward pass (eval) over the batch's micro-batches. Returns
+        the mean micro-batch loss and, if ``want_logits``, the whole batch's logits — both on every
+        pp rank (they exist on the last stage only)."""
         sched = self._pipeline_schedule()
-        x, y = batch["input_ids"], batch["labels"]
-        args = (x,) if self._has_first else ()
-        kw = {"target": y, "losses": []} if self._has_last else {}
+        args = tuple(self._pipeline_inputs(batch)) if self._has_first else ()
+        kw = {"target": batch["labels"], "losses": []} if self._has_last else {}
         if train:
-            sched.step(*args, **kw)
+            out = sched.step(*args, return_outputs=want_logits, **kw)
         else:
-            sched.eval(*args, **kw)
+            out = sched.eval(*args, **kw)
         loss = (torch.stack(kw["losses"]).mean().detach() if self._has_last
                 else torch.zeros((), device=self.root_device))
-        # only the last stage has the loss: send it to the other pp ranks (for logging and the closure)
         pp_group = self.device_mesh["pp"].get_group()
         src = dist.get_global_rank(pp_group, self.dims.pp - 1)  # the last stage is on the last pp rank
         dist.broadcast(loss, src=src, group=pp_group)
-        return loss
+        if not want_logits:
+            return loss, None
+        meta = [(tuple(out.shape), out.dtype) if self._has_last else None]
+        dist.broadcast_object_list(meta, src=src, group=pp_group)
+        logits = out.detach().contiguous() if self._has_last else torch.empty(meta[0][0], dtype=meta[0][1],
+                                                                              device=self.root_device)
+        dist.broadcast(logits, src=src, group=pp_group)
+        return loss, logits
 
     def validation_step(self, *args, **kwargs):
         if self.dims.pp == 1:
             return super().validation_step(*args, **kwargs)
-        return self._eval_step(args[0], "val")
+        return self._eval_step(args, kwargs, "validation_step")
 
     def test_step(self, *args, **kwargs):
         if self.dims.pp == 1:
             return super().test_step(*args, **kwargs)
-        return self._eval_step(args[0], "test")
+        return self._eval_step(args, kwargs, "test_step")
 
-    def _eval_step(self, batch, prefix: str):
-        """Forward-only pipeline pass (the schedule's eval) logging ``{prefix}/loss`` as LMTask does."""
+    def _eval_step(self, args, kwargs, hook: str):
+        """A forward-only pipeline pass, then the task's own step on the logits it produced (its
+        model replaced by one that returns them): the task logs its usual loss and metrics."""
         with torch.no_grad(), self.precision_plugin.val_step_context():
-            loss = self._run_pipeline(batch, train=False)
-        self.lightning_module.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True,
-                                  batch_size=batch_size(batch))
-        return loss
+            _, logits = self._run_pipeline(args[0], train=False, want_logits=True)
+            task = self.lightning_module
+            real = getattr(task, self.model_attr)
+            setattr(task, self.model_attr, _Replay(logits))
+            try:
+                return getattr(task, hook)(*args, **kwargs)
+            finally:
+                setattr(task, self.model_attr, real)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         if self.dims.pp == 1:
@@ -420,15 +440,17 @@ def _base_plugin_loss():
         return None
 
 
-def _merge_stages(full: nn.Module, parts: list[nn.Module]) -> nn.Module:
-    """One module holding this rank's stages under the whole model's parameter names (the stages'
-    submodules are shared, not copied) — for the optimizer and for checkpoints."""
-    if len(parts) == 1:
-        return parts[0]
-    merged = full.pipeline_stage([], first=False, last=False)
-    merged.blocks = nn.ModuleDict({k: b for part in parts for k, b in part.blocks.items()})
-    for name in ("wte", "wpe", "ln_f", "lm_head"):
-        for part in parts:
-            if getattr(part, name) is not None:
-                setattr(merged, name, getattr(part, name))
-    return merged
+def _overrides(task, name: str) -> bool:
+    from dsframe.task import Task
+    return isinstance(task, Task) and getattr(type(task), name) is not getattr(Task, name)
+
+
+class _Replay(nn.Module):
+    """Stands in for the model in a task's eval step: returns the logits the pipeline computed."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, *args, **kwargs):
+        return self.logits
