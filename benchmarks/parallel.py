@@ -50,6 +50,8 @@ LAYOUTS = {
     "pp2_gpipe_m8": dict(pp=2, micro_batches=8, schedule="gpipe"),
     "pp2_1f1b_m4": dict(pp=2, micro_batches=4, schedule="1f1b"),
     "pp2_1f1b_m8": dict(pp=2, micro_batches=8, schedule="1f1b"),
+    "pp2_interleaved_m4": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b"),
+    "pp2_interleaved_m8": dict(pp=2, micro_batches=8, schedule="interleaved_1f1b"),
     "dp2": dict(dp=2),
     "dp2_fsdp": dict(dp=2, dp_mode="fsdp"),
     "dp2_tp2": dict(dp=2, tp=2),
@@ -184,7 +186,7 @@ def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     act = B * SEQ * C * 4
     out = {"tp": 0, "pp": 0, "dp": 0, "fsdp": 0}
     c = rank["coords"]
-    first, last = c["pp"] == 0, c["pp"] == pp - 1
+    last = c["pp"] == pp - 1
     blocks = L // pp                              # the benchmark's splits are even (4 blocks)
     if tp > 1 and layout.get("sequence_parallel"):
         # per block, forward: all-gather (input: the local sequence shard) before attn and mlp,
@@ -200,7 +202,11 @@ def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
         # of the logits (forward) and all-reduce of its input gradient (backward)
         out["tp"] = blocks * (2 + 4) * act + (B * SEQ * V // tp * 4 + act if last else 0)
     if pp > 1:
-        out["pp"] = (act if not last else 0) + (act if not first else 0)   # activations fwd, grads bwd
+        # each stage sends its activations forward (unless last) and its input gradient back (unless
+        # first); interleaved: a rank holds stages r and r + pp of 2·pp
+        v = 2 if layout.get("schedule") == "interleaved_1f1b" else 1
+        ids = [c["pp"] + k * pp for k in range(v)]
+        out["pp"] = sum((act if i < v * pp - 1 else 0) + (act if i > 0 else 0) for i in ids)
     grad_bytes = rank["param_bytes_rank"]
     if dp > 1 and layout.get("dp_mode") == "fsdp":
         out["fsdp"] = grad_bytes + grad_bytes * dp     # all-gather own shard, reduce-scatter the whole
@@ -219,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--adamw-steps", type=int, default=20,
+                    help="AdamW parity section: steps per layout (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = [n for n in args.layouts.split(",") if n]
@@ -269,12 +277,39 @@ def main(argv=None):
             print(f"{name:18s} diff {row['max_abs_diff']:.2e}  "
                   + (f"bubble {row['bubble_measured_mean']:.3f} (theory {row['bubble_theoretical']:.3f})  "
                      if p > 1 else "") + f"wall {wall:.1f}s", flush=True)
+        if args.adamw_steps:
+            results["adamw_parity"] = adamw_parity(base, args.adamw_steps, tmp)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
     print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+ADAMW_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batches=2), "dp2_tp2": dict(dp=2, tp=2),
+                 "pp2_tp2": dict(pp=2, tp=2, micro_batches=2),
+                 "pp2_interleaved": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b")}
+
+
+def adamw_parity(base: dict, steps: int, tmp: str) -> dict:
+    """The task's AdamW (weight decay 0.01 on matrices, LR decaying linearly by samples) for ``steps``
+    steps per layout vs one process: loss curves, and weights split into attention key biases (exact
+    gradient 0: Adam turns round-off into up-to-lr steps) and all others."""
+    spec = {**base, "steps": steps, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01}
+    ref = run(RunSpec(**spec), f"{tmp}/adamw_ref.pt")
+    rows = {"steps": steps, "lr": 1e-3, "loss_first_last_one_process": [ref["losses"][0], ref["losses"][-1]],
+            "layouts": {}}
+    for name, lay in ADAMW_LAYOUTS.items():
+        res = run(RunSpec(layout=lay, **spec), f"{tmp}/adamw_{name}.pt")
+        live = [k for k in ref["params"] if not k.endswith("attn.k.bias")]
+        null = [k for k in ref["params"] if k.endswith("attn.k.bias")]
+        rows["layouts"][name] = {
+            "loss_max_abs_diff": max(abs(a - b) for a, b in zip(res["losses"], ref["losses"])),
+            "weights_max_abs_diff": max_abs_diff({k: res["params"][k] for k in live}, {k: ref["params"][k] for k in live}),
+            "key_bias_max_abs_diff": max_abs_diff({k: res["params"][k] for k in null}, {k: ref["params"][k] for k in null})}
+        print(f"adamw {name:16s} {rows['layouts'][name]}", flush=True)
+    return rows
 
 
 def markdown(results: dict) -> str:
@@ -294,6 +329,15 @@ def markdown(results: dict) -> str:
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
         lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
                      f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")
+    ad = results.get("adamw_parity")
+    if ad:
+        lines += ["", f"AdamW parity, {ad['steps']} steps, lr {ad['lr']} (one-process loss "
+                  f"{ad['loss_first_last_one_process'][0]:.3f} → {ad['loss_first_last_one_process'][1]:.3f}):", "",
+                  "| layout | loss max abs diff | weights max abs diff (all but key biases) | key biases |",
+                  "|---|---|---|---|"]
+        for name, r in ad["layouts"].items():
+            lines.append(f"| {name} | {r['loss_max_abs_diff']:.1e} | {r['weights_max_abs_diff']:.1e} | "
+                         f"{r['key_bias_max_abs_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -139,7 +139,7 @@ def test_parity_check_catches_a_missing_gradient_sync(reference, tmp_path, monke
 # ------------------------------------------------------------------ AdamW, the task's own optimizer
 ADAMW = dict(optimizer="adamw", steps=20, lr=1e-3, weight_decay=0.01)
 ADAM_LOSS_TOL = 1e-5     # ≈ 20 ulp of fp32 at the loss (~4): summation order differs per layout
-ADAM_WEIGHT_TOL = 1e-5   # weights whose gradient is not zero in exact arithmetic
+ADAM_WEIGHT_TOL = 1e-4   # weights whose gradient is not zero in exact arithmetic (why: docs/parallel.md)
 
 
 def null_space(name: str) -> bool:

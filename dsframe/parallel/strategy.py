@@ -24,6 +24,7 @@ its own backward inside ``training_step``, so its gradients are put aside there 
 """
 from __future__ import annotations
 
+import copy
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -106,6 +107,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._schedule = None
         self._pp_grads: Optional[list] = None
         self._hier = None
+        self._whole: Optional[nn.Module] = None
         self.comm_bytes = 0          # bytes this rank put into DP gradient all-reduces
         self.comm_calls = 0
 
@@ -150,6 +152,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.dims.validate_world(self.world_size)
         self._device_mesh = init_device_mesh(self.root_device.type, self.dims.mesh_shape,
                                              mesh_dim_names=("pp", "dp", "tp"))
+        if self.global_rank == 0:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+            env = self.cluster_environment
+            rank_zero_info(f"hybrid: {type(env).__name__} ({'ranks started externally' if env.creates_processes_externally else 'forked ranks'}), "
+                           f"{self.num_nodes} node(s) x {self.num_processes} process(es), mesh (pp, dp, tp) = "
+                           f"{self.dims.mesh_shape}")
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -177,6 +185,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         model = getattr(task, self.model_attr)
         d = self.dims
         parts = [model]
+        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
+            # torchrun / SLURM: no parent process gets the weights back, so this rank keeps the whole
+            # model unsharded and fills it at the end of fit (on_train_end); TP then shards a copy
+            self._whole = model
+            if d.pp == 1:
+                parts = [copy.deepcopy(model)]
         if d.pp > 1:
             adds_loss = [type(p).__name__ for p in getattr(task, "plugins", [])
                          if getattr(type(p), "loss", None) is not _base_plugin_loss()]
@@ -399,6 +413,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
         return norm
+
+    def on_train_end(self) -> None:
+        """Ranks started by torchrun/SLURM end fit holding the *whole* trained model (plain tensors)
+        in ``task.<model_attr>`` — the very object the caller passed in — as the forked ranks' parent
+        does: the runner's test stage and model.pt see the trained model on every node."""
+        super().on_train_end()
+        if self._whole is not None:
+            full = self.full_state_dict()       # collective
+            self._whole.load_state_dict(full)
+            setattr(self.lightning_module, self.model_attr, self._whole)
 
     # ---------------------------------------------------------------- misc
     def reduce(self, tensor, group=None, reduce_op="mean"):
