@@ -1,6 +1,6 @@
 """Hybrid-parallel layouts on CPU/gloo: parity, pipeline bubble, communication, memory, balance.
 
-    python benchmarks/parallel.py --out results/parallel.json          # ~2 min on 2 CPU cores
+    python benchmarks/parallel.py --out benchmarks/results/parallel.json   # ~6 min on 2 CPU cores
     python benchmarks/parallel.py --out p.json --layouts tp2,pp2_1f1b_m4 --steps 4
 
 For each layout the same GPT is trained for ``--steps`` optimizer steps (step 0 is warm-up and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +53,9 @@ LAYOUTS = {
     "pp2_1f1b_m8": dict(pp=2, micro_batches=8, schedule="1f1b"),
     "pp2_interleaved_m4": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b"),
     "pp2_interleaved_m8": dict(pp=2, micro_batches=8, schedule="interleaved_1f1b"),
+    "pp2_interleaved_zb_m8": dict(pp=2, micro_batches=8, schedule="interleaved_zb"),
+    "pp2_zbv_m8": dict(pp=2, micro_batches=8, schedule="zbv"),
+    "pp2_dualpipev_m8": dict(pp=2, micro_batches=8, schedule="dualpipev"),
     "dp2": dict(dp=2),
     "dp2_fsdp": dict(dp=2, dp_mode="fsdp"),
     "dp2_tp2": dict(dp=2, tp=2),
@@ -91,8 +95,12 @@ class Probe(pl.Callback):
                         probe.c["busy"] += time.perf_counter() - t0
             return wrapper
 
+        # compute: forward, backward (zero-bubble schedules: input-gradient and deferred weight-
+        # gradient halves) and the loss on the last stage; everything else in a step is bubble
         _PipelineStageBase.forward_one_chunk = timed(_PipelineStageBase.forward_one_chunk)
         _PipelineStageBase.backward_one_chunk = timed(_PipelineStageBase.backward_one_chunk)
+        _PipelineStageBase.backward_weight_one_chunk = timed(_PipelineStageBase.backward_weight_one_chunk)
+        schedules._PipelineSchedule._maybe_compute_loss = timed(schedules._PipelineSchedule._maybe_compute_loss)
 
         def counted_p2p(fn):
             def wrapper(ops, *a, **k):
@@ -178,6 +186,17 @@ class Probe(pl.Callback):
             Path(self.out).write_text(json.dumps({"ranks": every, **extra}))
 
 
+def theory_bubble(schedule: str, p: int, m: int) -> float:
+    """Idle fraction of a schedule with equal chunk times: GPipe/1F1B (p − 1)/(m + p − 1); interleaved
+    1F1B with 2 virtual stages per rank (p − 1)/(2m + p − 1) (Narayanan et al. 2021); the zero-bubble
+    schedules (Qi et al. 2024) 0 when forward, input-gradient and weight-gradient times are equal."""
+    if schedule in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if schedule == "interleaved_1f1b":
+        return (p - 1) / (2 * m + p - 1)
+    return 0.0
+
+
 def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     """Payload bytes per optimizer step for one rank, from the shapes (fp32)."""
     dp, tp, pp = layout.get("dp", 1), layout.get("tp", 1), layout.get("pp", 1)
@@ -204,9 +223,16 @@ def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     if pp > 1:
         # each stage sends its activations forward (unless last) and its input gradient back (unless
         # first); interleaved: a rank holds stages r and r + pp of 2·pp
-        v = 2 if layout.get("schedule") == "interleaved_1f1b" else 1
-        ids = [c["pp"] + k * pp for k in range(v)]
-        out["pp"] = sum((act if i < v * pp - 1 else 0) + (act if i > 0 else 0) for i in ids)
+        from dsframe.parallel.layout import ParallelDims
+        from dsframe.parallel.pipeline import stage_ids
+
+        d = ParallelDims(pp=pp, micro_batches=layout.get("micro_batches", 1),
+                         schedule=layout.get("schedule", "1f1b"))
+        rank_of = {i: r for r in range(pp) for i in stage_ids(r, pp, d.stages_per_rank, d.v_shaped)}
+        n = d.num_stages   # a send crosses ranks only if the neighbour stage is elsewhere (V: 1 -> 2 is local)
+        out["pp"] = sum((act if i < n - 1 and rank_of[i + 1] != c["pp"] else 0)
+                        + (act if i > 0 and rank_of[i - 1] != c["pp"] else 0)
+                        for i, r in rank_of.items() if r == c["pp"])
     grad_bytes = rank["param_bytes_rank"]
     if dp > 1 and layout.get("dp_mode") == "fsdp":
         out["fsdp"] = grad_bytes + grad_bytes * dp     # all-gather own shard, reduce-scatter the whole
@@ -225,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per pipeline layout (bubble: median)")
     ap.add_argument("--adamw-steps", type=int, default=20,
                     help="AdamW parity section: steps per layout (0: skip)")
     args = ap.parse_args(argv)
@@ -269,8 +296,14 @@ def main(argv=None):
                     rr["bubble_measured"] = round(r["bubble"], 4)
                 row["ranks"].append(rr)
             if p > 1:
-                row["bubble_theoretical"] = round((p - 1) / (m + p - 1), 4)
-                row["bubble_measured_mean"] = round(sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"]), 4)
+                row["bubble_theoretical"] = round(theory_bubble(lay.get("schedule", "1f1b"), p, m), 4)
+                bubbles = [sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"])]
+                for k in range(1, args.repeats):   # the bubble is a timing: median of repeated runs
+                    run(RunSpec(layout=lay, **base), f"{tmp}/{name}.pt", callbacks=[Probe(probe_file)])
+                    again = json.loads(Path(probe_file).read_text())["ranks"]
+                    bubbles.append(sum(r["bubble"] for r in again) / len(again))
+                row["bubble_measured_runs"] = [round(b, 4) for b in bubbles]
+                row["bubble_measured_mean"] = round(statistics.median(bubbles), 4)
                 row["stage_imbalance"] = round(probe["stage_plan"]["imbalance"], 4)
                 row["stages"] = probe["stage_plan"]["stages"]
             results["layouts"][name] = row
@@ -317,15 +350,16 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {m.get('cpu_model', '?')} ({m.get('arch', '?')}, {m.get('cpus', '?')} CPUs; "
              f"{' '.join(m.get('cpu_flags', []))}), torch {m.get('torch', '?')}, load average "
              f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after.", "",
-             "| layout | ranks | max_abs_diff | bubble measured / theory | imbalance | "
+             "| layout | ranks | max_abs_diff | bubble measured median (min–max) / theory | imbalance | "
              "comm bytes/step rank 0 (measured / analytic) | params on rank 0 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():
         r0 = r["ranks"][0]
         meas = sum(r0["comm_bytes_per_step"].values())
         ana = sum(r0["comm_bytes_analytic"].values())
-        bub = (f"{r['bubble_measured_mean']:.3f} / {r['bubble_theoretical']:.3f}" if "bubble_theoretical" in r
-               else "–")
+        runs = r.get("bubble_measured_runs", [])
+        bub = (f"{r['bubble_measured_mean']:.3f} ({min(runs):.3f}–{max(runs):.3f}) / {r['bubble_theoretical']:.3f}"
+               if "bubble_theoretical" in r else "–")
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
         lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
                      f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")

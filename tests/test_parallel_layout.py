@@ -28,13 +28,24 @@ def test_sizes_are_positive_integers(key, value):
 
 
 def test_schedule_and_micro_batches():
-    with pytest.raises(ConfigError, match="one of gpipe, 1f1b, interleaved_1f1b"):
+    with pytest.raises(ConfigError, match="one of gpipe, 1f1b, interleaved_1f1b, interleaved_zb, zbv, dualpipev"):
         ParallelDims(schedule="zero_bubble")
     with pytest.raises(ConfigError, match="at least pp=4 micro-batches") as e:
         ParallelDims(pp=4, micro_batches=2)
     assert e.value.key == "strategy.micro_batches"
-    with pytest.raises(ConfigError, match="multiple of pp=2 for the interleaved"):
+    with pytest.raises(ConfigError, match="multiple of pp=2 for the interleaved_1f1b"):
         ParallelDims(pp=2, micro_batches=3, schedule="interleaved_1f1b")
+    with pytest.raises(ConfigError, match="at least 2·pp=4 for DualPipeV"):
+        ParallelDims(pp=2, micro_batches=3, schedule="dualpipev")
+
+
+def test_zero_bubble_v_stages():
+    from dsframe.parallel.pipeline import stage_ids
+
+    d = ParallelDims(pp=2, micro_batches=4, schedule="zbv")
+    assert d.stages_per_rank == 2 and d.num_stages == 4 and d.v_shaped
+    assert stage_ids(0, 2, 2, v_shaped=True) == [0, 3] and stage_ids(1, 2, 2, v_shaped=True) == [1, 2]
+    assert not ParallelDims(pp=2, micro_batches=4, schedule="interleaved_zb").v_shaped
 
 
 @pytest.mark.parametrize("dim,value", [("n_head", 6), ("n_embd", 30), ("vocab_size", 63)])

@@ -41,6 +41,9 @@ LAYOUTS_2 = {
     "pp2_measured_balance": dict(pp=2, micro_batches=2, balance="measured"),
     "dp2": dict(dp=2),
     "dp2_fsdp": dict(dp=2, dp_mode="fsdp"),
+    "pp2_zbv": dict(pp=2, micro_batches=4, schedule="zbv"),
+    "pp2_dualpipev": dict(pp=2, micro_batches=4, schedule="dualpipev"),
+    "pp2_interleaved_zb": dict(pp=2, micro_batches=4, schedule="interleaved_zb"),
 }
 
 

@@ -26,7 +26,7 @@ class HybridConfig(LaunchConfig):
     tp: int = 1
     pp: int = 1
     micro_batches: int = 1
-    schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
     dp_mode: str = "allreduce"              # allreduce (DDP-style gradient all-reduce) | fsdp (FSDP2)
     hierarchical_allreduce: bool = False    # reduce in node → all-reduce across nodes → broadcast in node
     sequence_parallel: bool = False         # shard LayerNorms / residual stream along the sequence (pp=1)

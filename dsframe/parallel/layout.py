@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 from dsframe.errors import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+# two virtual stages per rank: looped (rank r holds r and r + pp) or V-shaped (r and 2·pp − 1 − r)
+LOOPED = ("interleaved_1f1b", "interleaved_zb")
+V_SHAPED = ("zbv", "dualpipev")
 MESH_DIMS = ("pp", "dp", "tp")
 
 
@@ -40,9 +43,12 @@ class ParallelDims:
         if self.pp > 1 and self.micro_batches < self.pp:
             raise ConfigError("strategy.micro_batches", self.micro_batches,
                               f"at least pp={self.pp} micro-batches, or the pipeline never fills")
-        if self.schedule == "interleaved_1f1b" and self.pp > 1 and self.micro_batches % self.pp:
+        if self.schedule in LOOPED and self.pp > 1 and self.micro_batches % self.pp:
             raise ConfigError("strategy.micro_batches", self.micro_batches,
-                              f"a multiple of pp={self.pp} for the interleaved 1F1B schedule")
+                              f"a multiple of pp={self.pp} for the {self.schedule} schedule")
+        if self.schedule == "dualpipev" and self.pp > 1 and self.micro_batches < 2 * self.pp:
+            raise ConfigError("strategy.micro_batches", self.micro_batches,
+                              f"at least 2·pp={2 * self.pp} for DualPipeV (one per virtual stage)")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -55,8 +61,12 @@ class ParallelDims:
 
     @property
     def stages_per_rank(self) -> int:
-        """Virtual pipeline stages held by one pp rank (2 for interleaved 1F1B)."""
-        return 2 if (self.schedule == "interleaved_1f1b" and self.pp > 1) else 1
+        """Virtual pipeline stages held by one pp rank (2 for the interleaved and V schedules)."""
+        return 2 if (self.schedule in LOOPED + V_SHAPED and self.pp > 1) else 1
+
+    @property
+    def v_shaped(self) -> bool:
+        return self.schedule in V_SHAPED
 
     @property
     def num_stages(self) -> int:

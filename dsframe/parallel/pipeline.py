@@ -7,8 +7,11 @@ the output end (head) to the last, since they travel with the end stages. Contig
 expensive stage (exact dynamic programme, O(stages · units²)). The imbalance reported is
 ``max(stage cost) / min(stage cost) − 1``.
 
-Schedules come from ``torch.distributed.pipelining``: GPipe, 1F1B and interleaved 1F1B (two
-virtual stages per rank, looped: rank r holds stages r and r + pp).
+Schedules come from ``torch.distributed.pipelining``: GPipe, 1F1B, interleaved 1F1B and interleaved
+zero-bubble (two virtual stages per rank, looped: rank r holds stages r and r + pp), and the
+zero-bubble V schedules ZB-V and DualPipeV (V-shaped: rank r holds r and 2·pp − 1 − r). The
+zero-bubble ones split each backward into input gradient (sent on at once) and weight gradient
+(deferred into what would be idle time).
 """
 from __future__ import annotations
 
@@ -122,18 +125,22 @@ def plan_stages(model: nn.Module, num_stages: int, seq_len: int | None = None, m
                      unit_costs=costs, method=method)
 
 
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """Stages held by a pp rank: looped assignment (r, r + pp, ...) as interleaved 1F1B expects."""
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, v_shaped: bool = False) -> list[int]:
+    """Stages held by a pp rank: looped (r, r + pp, ...) as the interleaved schedules expect, or
+    V-shaped (r, 2·pp − 1 − r) as ZB-V and DualPipeV do (rank 0 holds the first and the last)."""
+    if v_shaped:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import schedules as s
 
-    if name == "gpipe":
-        return ScheduleGPipe(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
-    if name == "1f1b":
-        return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
-    if name == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    single = {"gpipe": s.ScheduleGPipe, "1f1b": s.Schedule1F1B}
+    multi = {"interleaved_1f1b": s.ScheduleInterleaved1F1B, "interleaved_zb": s.ScheduleInterleavedZeroBubble,
+             "zbv": s.ScheduleZBVZeroBubble, "dualpipev": s.ScheduleDualPipeV}
+    if name in single:
+        return single[name](stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    if name in multi:
+        return multi[name](stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
     raise ValueError(f"pipeline schedule {name!r}")

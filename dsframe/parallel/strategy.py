@@ -207,7 +207,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 from lightning.pytorch.utilities.rank_zero import rank_zero_info
                 rank_zero_info(f"pipeline: {d.num_stages} stages {self.stage_plan.stages}, cost "
                                f"({self.balance}) imbalance max/min-1 = {100 * self.stage_plan.imbalance:.1f}%")
-            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank)
+            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank, d.v_shaped)
             parts = [model.pipeline_stage(self.stage_plan.stages[i], first=(i == 0), last=(i == d.num_stages - 1))
                      for i in ids]
             self._pipeline_inputs = model.pipeline_inputs
@@ -227,6 +227,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
                             for part, i in zip(parts, ids)]
             self._has_first = 0 in ids
             self._has_last = d.num_stages - 1 in ids
+            # the pp rank holding the last stage (the loss): the last rank, or rank 0 in a V
+            self._last_pp_rank = 0 if d.v_shaped else d.pp - 1
             setattr(task, self.model_attr, contract.merge_stages(parts))
         elif d.tp > 1 or (d.dp > 1 and self.dp_mode == "fsdp"):
             setattr(task, self.model_attr, parts[0])
@@ -283,7 +285,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         loss = (torch.stack(kw["losses"]).mean().detach() if self._has_last
                 else torch.zeros((), device=self.root_device))
         pp_group = self.device_mesh["pp"].get_group()
-        src = dist.get_global_rank(pp_group, self.dims.pp - 1)  # the last stage is on the last pp rank
+        src = dist.get_global_rank(pp_group, self._last_pp_rank)
         dist.broadcast(loss, src=src, group=pp_group)
         if not want_logits:
             return loss, None
