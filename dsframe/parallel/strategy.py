@@ -145,6 +145,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
             else:
                 self._launcher = _ForkLauncher(self, start_method=self.start_method)
 
+    def _ranks_started_elsewhere(self) -> bool:
+        """torchrun / SLURM / Lightning's popen launcher started this rank, not our fork launcher (whose
+        children also see LOCAL_RANK, so the environment alone cannot tell)."""
+        env = self.cluster_environment
+        return env is not None and env.creates_processes_externally and not isinstance(self._launcher, _ForkLauncher)
+
     def setup_environment(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -155,7 +161,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
             env = self.cluster_environment
-            rank_zero_info(f"hybrid: {type(env).__name__} ({'ranks started externally' if env.creates_processes_externally else 'forked ranks'}), "
+            how = "ranks started externally" if self._ranks_started_elsewhere() else "forked ranks"
+            rank_zero_info(f"hybrid: {type(env).__name__} ({how}), "
                            f"{self.num_nodes} node(s) x {self.num_processes} process(es), mesh (pp, dp, tp) = "
                            f"{self.dims.mesh_shape}")
         assert self.lightning_module is not None
@@ -185,7 +192,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         model = getattr(task, self.model_attr)
         d = self.dims
         parts = [model]
-        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
+        if self._ranks_started_elsewhere():
             # torchrun / SLURM: no parent process gets the weights back, so this rank keeps the whole
             # model unsharded and fills it at the end of fit (on_train_end); TP then shards a copy
             self._whole = model
