@@ -61,6 +61,10 @@ LAYOUTS = {
     "dp2_tp2": dict(dp=2, tp=2),
     "pp2_tp2": dict(pp=2, tp=2, micro_batches=4, schedule="1f1b"),
     "dp4_hierarchical": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2),
+    "dp2_overlap": dict(dp=2, dp_overlap=True, bucket_mb=1.0),
+    "dp2_tp2_overlap": dict(dp=2, tp=2, dp_overlap=True, bucket_mb=1.0),
+    "dp4_hierarchical_overlap": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2, dp_overlap=True,
+                                     bucket_mb=1.0),
     "dp2_pp2_fsdp": dict(dp=2, pp=2, micro_batches=4, schedule="1f1b", dp_mode="fsdp"),
 }
 
@@ -140,6 +144,17 @@ class Probe(pl.Callback):
 
         self.mode = FunctionalCollectives()
         strategy = trainer.strategy
+        if getattr(strategy, "sync_gradients", None) is not None:
+            sync = strategy.sync_gradients
+
+            def sync_gradients(*a, **k):        # the dp all-reduce when not overlapped: all exposed
+                t0 = time.perf_counter()
+                try:
+                    return sync(*a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["dp_exposed_s"] = probe.c.get("dp_exposed_s", 0.0) + time.perf_counter() - t0
+            strategy.sync_gradients = sync_gradients
         if hasattr(strategy, "_run_pipeline"):
             inner = strategy._run_pipeline
 
@@ -155,6 +170,8 @@ class Probe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.active = batch_idx >= 1           # step 0: warm-up (shape inference, first allocation)
         self.dp0 = getattr(trainer.strategy, "comm_bytes", 0)
+        ov = getattr(trainer.strategy, "_overlap", None)
+        self.exposed0 = ov.exposed_s if ov is not None else 0.0
         self.t0 = time.perf_counter()
         self.mode.__enter__()
 
@@ -164,6 +181,9 @@ class Probe(pl.Callback):
             self.c["step"] += time.perf_counter() - self.t0
             self.c["steps"] += 1
             self.c["dp"] = self.c.get("dp", 0) + getattr(trainer.strategy, "comm_bytes", 0) - self.dp0
+            ov = getattr(trainer.strategy, "_overlap", None)
+            if ov is not None:                   # time finish() waited on bucket all-reduces
+                self.c["dp_exposed_s"] = self.c.get("dp_exposed_s", 0.0) + ov.exposed_s - self.exposed0
         self.active = False
 
     def on_train_end(self, trainer, pl_module):
@@ -176,6 +196,7 @@ class Probe(pl.Callback):
         n = max(1, self.c["steps"])
         me = {"rank": s.global_rank, "coords": {d: s._coord(d) for d in ("pp", "dp", "tp")},
               "param_bytes_rank": local, "step_s": self.c["step"] / n,
+              "dp_exposed_s": self.c.get("dp_exposed_s", 0.0) / n,
               "bytes_per_step": {k: self.c.get(k, 0) // n for k in ("tp", "pp", "dp", "fsdp")}}
         if self.c["pipe"] > 0:
             me["bubble"] = 1.0 - self.c["busy"] / self.c["pipe"]
@@ -306,6 +327,13 @@ def main(argv=None):
                 row["bubble_measured_mean"] = round(statistics.median(bubbles), 4)
                 row["stage_imbalance"] = round(probe["stage_plan"]["imbalance"], 4)
                 row["stages"] = probe["stage_plan"]["stages"]
+            if lay.get("dp", 1) > 1 and lay.get("dp_mode", "allreduce") == "allreduce":
+                row["dp_exposed_s_per_step"] = round(statistics.mean(r["dp_exposed_s"] for r in probe["ranks"]), 5)
+                base_name = name.removesuffix("_overlap")
+                if lay.get("dp_overlap") and base_name in results["layouts"]:
+                    # hidden = 1 − (wait left after backward) / (the same all-reduce run after backward)
+                    plain = results["layouts"][base_name]["dp_exposed_s_per_step"]
+                    row["dp_comm_hidden_fraction"] = round(1.0 - row["dp_exposed_s_per_step"] / plain, 3)
             results["layouts"][name] = row
             print(f"{name:18s} diff {row['max_abs_diff']:.2e}  "
                   + (f"bubble {row['bubble_measured_mean']:.3f} (theory {row['bubble_theoretical']:.3f})  "
@@ -363,6 +391,14 @@ def markdown(results: dict) -> str:
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
         lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
                      f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")
+    hidden = {n: r for n, r in results["layouts"].items() if "dp_comm_hidden_fraction" in r}
+    if hidden:
+        lines += ["", "| overlapped dp layout | dp all-reduce wait per step, overlapped / after backward | "
+                  "communication hidden |", "|---|---|---|"]
+        for name, r in hidden.items():
+            plain = results["layouts"][name.removesuffix("_overlap")]["dp_exposed_s_per_step"]
+            lines.append(f"| {name} | {1000 * r['dp_exposed_s_per_step']:.1f} ms / {1000 * plain:.1f} ms | "
+                         f"{100 * r['dp_comm_hidden_fraction']:.0f} % |")
     ad = results.get("adamw_parity")
     if ad:
         lines += ["", f"AdamW parity, {ad['steps']} steps, lr {ad['lr']} (one-process loss "

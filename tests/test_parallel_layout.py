@@ -105,6 +105,15 @@ def test_config_schema_errors():
     with pytest.raises(ConfigError) as e:
         HybridConfig(pp=2, micro_batches=2, sequence_parallel=True)
     assert e.value.key == "strategy.sequence_parallel"
+    with pytest.raises(ConfigError, match="false when pp > 1") as e:
+        HybridConfig(pp=2, micro_batches=2, dp=2, dp_overlap=True)
+    assert e.value.key == "strategy.dp_overlap"
+    with pytest.raises(ConfigError) as e:
+        HybridConfig(dp=2, dp_mode="fsdp", dp_overlap=True)
+    assert e.value.key == "strategy.dp_overlap"
+    with pytest.raises(ConfigError) as e:
+        HybridConfig(dp=2, dp_overlap=True, bucket_mb=0)
+    assert e.value.key == "strategy.bucket_mb"
     with pytest.raises(ConfigError) as e:
         HybridConfig(balance="random")
     assert e.value.key == "strategy.balance"

@@ -44,6 +44,7 @@ LAYOUTS_2 = {
     "pp2_zbv": dict(pp=2, micro_batches=4, schedule="zbv"),
     "pp2_dualpipev": dict(pp=2, micro_batches=4, schedule="dualpipev"),
     "pp2_interleaved_zb": dict(pp=2, micro_batches=4, schedule="interleaved_zb"),
+    "dp2_overlap": dict(dp=2, dp_overlap=True, bucket_mb=0.01),     # ~10 KiB buckets: many of them
 }
 
 
@@ -55,7 +56,7 @@ def test_two_process_layouts_match_one_process(name, reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pp2_1f1b", "dp2"])
+@pytest.mark.parametrize("name", ["pp2_1f1b", "dp2", "dp2_overlap"])
 def test_gradient_accumulation(name, reference, tmp_path):
     spec = RunSpec(layout=LAYOUTS_2[name], accumulate=2)
     check(run(spec, str(tmp_path / "r.pt")), reference[2], spec)
@@ -66,6 +67,9 @@ LAYOUTS_4 = {
     "pp2_tp2": dict(pp=2, tp=2, micro_batches=2, schedule="1f1b"),
     "pp2_interleaved": dict(pp=2, micro_batches=2, schedule="interleaved_1f1b"),
     "dp4_hierarchical": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2),
+    "dp2_tp2_overlap": dict(dp=2, tp=2, dp_overlap=True, bucket_mb=0.01),
+    "dp4_hierarchical_overlap": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2, dp_overlap=True,
+                                     bucket_mb=0.01),
     "dp2_tp2_fsdp": dict(dp=2, tp=2, dp_mode="fsdp"),
     "dp2_pp2_fsdp": dict(dp=2, pp=2, micro_batches=2, dp_mode="fsdp"),
 }

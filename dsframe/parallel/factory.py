@@ -32,6 +32,8 @@ class HybridConfig(LaunchConfig):
     sequence_parallel: bool = False         # shard LayerNorms / residual stream along the sequence (pp=1)
     ranks_per_node: Optional[int] = None    # null: LOCAL_WORLD_SIZE / devices
     balance: str = "flops"                  # pipeline stage costs: flops | measured | uniform
+    dp_overlap: bool = False                # dp all-reduce in buckets started during backward (as DDP)
+    bucket_mb: float = 25.0                 # bucket size of dp_overlap
 
     def __post_init__(self):
         super().__post_init__()  # backend, start_method, timeout_s
@@ -43,6 +45,11 @@ class HybridConfig(LaunchConfig):
                               "false when pp > 1 (stages pass plain, replicated activations)")
         if self.balance not in BALANCE:
             raise ConfigError("strategy.balance", self.balance, f"one of {', '.join(BALANCE)}")
+        if self.dp_overlap and (self.pp > 1 or self.dp_mode != "allreduce"):
+            raise ConfigError("strategy.dp_overlap", self.dp_overlap,
+                              "false when pp > 1 or dp_mode=fsdp (FSDP2 overlaps its own collectives)")
+        if not self.bucket_mb > 0:
+            raise ConfigError("strategy.bucket_mb", self.bucket_mb, "a number > 0 (MiB)")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ConfigError("strategy.ranks_per_node", self.ranks_per_node, "null or an integer >= 1")
 
@@ -102,6 +109,7 @@ class HybridStrategyFactory(StrategyFactory):
                                       schedule=config.schedule, dp_mode=config.dp_mode,
                                       hierarchical_allreduce=config.hierarchical_allreduce,
                                       sequence_parallel=config.sequence_parallel,
+                                      dp_overlap=config.dp_overlap, bucket_mb=config.bucket_mb,
                                       ranks_per_node=config.ranks_per_node, balance=config.balance,
                                       start_method=config.start_method, process_group_backend=backend,
                                       timeout=timedelta(seconds=config.timeout_s))

@@ -82,7 +82,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, micro_batches: int = 1, schedule: str = "1f1b",
                  dp_mode: str = "allreduce", hierarchical_allreduce: bool = False,
                  ranks_per_node: Optional[int] = None, balance: str = "flops", model_attr: str = "model",
-                 sequence_parallel: bool = False,
+                 sequence_parallel: bool = False, dp_overlap: bool = False, bucket_mb: float = 25.0,
                  start_method: str = "fork", process_group_backend: Optional[str] = None,
                  timeout: timedelta = timedelta(minutes=30), save_distributed_checkpoint: bool = True,
                  seq_len: Optional[int] = None):
@@ -93,6 +93,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if dp_mode not in DP_MODES:
             raise ValueError(f"dp_mode={dp_mode!r}: one of {DP_MODES}")
         self.dp_mode = dp_mode
+        if dp_overlap and (pp > 1 or dp_mode != "allreduce"):
+            raise ValueError("dp_overlap is offered with dp_mode=allreduce and no pipeline (pp=1)")
+        self.dp_overlap = dp_overlap and dp > 1
+        self.bucket_mb = bucket_mb
+        self._overlap = None
+        self._overlap_counted = (0, 0)
         if sequence_parallel and pp > 1:
             raise ValueError("sequence_parallel is offered without a pipeline (pp=1)")
         self.sequence_parallel = sequence_parallel and tp > 1
@@ -182,6 +188,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        if self.dp_overlap and trainer.state.fn == TrainerFn.FITTING:
+            from dsframe.parallel.overlap import OverlappedGradSync
+            self._overlap = OverlappedGradSync(
+                self._params(), self.device_mesh["dp"].get_group(), self.dims.dp, int(self.bucket_mb * 2 ** 20),
+                hierarchical=self._hier_obj() if self.hierarchical_allreduce else None)
         # clip by the whole model's norm (torch's clip_grad_norm_ would see one stage / one shard)
         self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.clip_grad_norm(clip_val)
 
@@ -328,6 +339,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         if self.dims.pp == 1:
+            if self._overlap is not None and not self.lightning_module.trainer.fit_loop.epoch_loop._should_accumulate():
+                self._overlap.arm()          # this backward ends the step: start buckets as they fill
             out = super().backward(closure_loss, optimizer, *args, **kwargs)
         else:
             self.pre_backward(closure_loss)
@@ -356,7 +369,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
                     p.grad = g.redistribute(placements=[Replicate() if pl.is_partial() else pl
                                                         for pl in g.placements])
-        if self.dims.dp > 1 and self.dp_mode == "allreduce":
+        if self._overlap is not None:
+            self._overlap.finish()
+            # buckets were counted as they started, during backward
+            self.comm_bytes += self._overlap.bytes_sent - self._overlap_counted[0]
+            self.comm_calls += self._overlap.calls - self._overlap_counted[1]
+            self._overlap_counted = (self._overlap.bytes_sent, self._overlap.calls)
+        elif self.dims.dp > 1 and self.dp_mode == "allreduce":
             self.sync_gradients()
 
     # ---------------------------------------------------------------- data parallel
@@ -380,7 +399,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
-    def _hierarchical_all_reduce(self, flat: torch.Tensor) -> None:
+    def _hier_obj(self):
+        """The hierarchical all-reduce over this rank's dp group (made on first use; collective)."""
         if self._hier is None:
             from dsframe.parallel.comm import HierarchicalAllReduce
 
@@ -388,7 +408,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
             mesh = self.device_mesh.mesh  # global ranks, [pp, dp, tp]
             dp_groups = [mesh[i, :, j].tolist() for i in range(self.dims.pp) for j in range(self.dims.tp)]
             self._hier = HierarchicalAllReduce(dp_groups, per)
-        before = self._hier.bytes_sent
+        return self._hier
+
+    def _hierarchical_all_reduce(self, flat: torch.Tensor) -> None:
+        before = self._hier_obj().bytes_sent
         self._hier(flat)
         self.comm_bytes += self._hier.bytes_sent - before
         self.comm_calls += 1
