@@ -145,6 +145,11 @@ def test_outside_model_is_validated_through_the_contract(toy_registered):
     with pytest.raises(ConfigError) as e:
         f.validate(HybridConfig(tp=4), 4, model, 8)
     assert e.value.key == "model.width" and e.value.value == 30
+    f.validate(HybridConfig(pp=2, micro_batches=2, balance="measured"), 2, model, 8)
+    no_example = type("NoExample", (ToyLM,), {"pipeline_example": None})(model.c)
+    with pytest.raises(ConfigError, match="no pipeline_example") as e:
+        f.validate(HybridConfig(pp=2, micro_batches=2, balance="measured"), 2, no_example, 8)
+    assert e.value.key == "strategy.balance"
 
 
 @pytest.mark.slow

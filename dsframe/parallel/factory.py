@@ -73,6 +73,9 @@ class HybridStrategyFactory(StrategyFactory):
             need = ", ".join(contract.missing(model, contract.PP_METHODS))
             raise ConfigError("strategy.pp", dims.pp, f"1: model '{kind}' cannot be cut into pipeline stages "
                                                       f"(it lacks {need} of the parallel contract)")
+        if dims.pp > 1 and config.balance == "measured" and contract.missing(model, ("pipeline_example",)):
+            raise ConfigError("strategy.balance", config.balance,
+                              f"flops or uniform: model '{kind}' has no pipeline_example() to time stages on")
         divisible: dict[str, int] = {}
         if dims.tp > 1:
             if not contract.supports_tp(model):

@@ -10,8 +10,8 @@ all-reduces and copies the averages back.
 Only the backward of an optimizer step's last accumulation micro-step starts communication
 (:meth:`arm`). With the hierarchical all-reduce a bucket's three steps run inside the hook
 (bucketed and started during backward, but blocking it: gloo/NCCL give no way to chain the three
-collectives asynchronously without a helper thread). ``exposed_s`` is the time :meth:`finish`
-waited: communication not hidden behind backward.
+collectives asynchronously without a helper thread). ``exposed_s`` is the communication time not
+hidden behind backward: what :meth:`finish` waited, plus the blocking hierarchical buckets.
 """
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ class OverlappedGradSync:
         flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.dp)
         if self.hierarchical is not None:
             before = getattr(self.hierarchical, "bytes_sent", 0)
+            t0 = time.perf_counter()
             self.hierarchical(flat)
+            self.exposed_s += time.perf_counter() - t0      # it blocks backward: not hidden
             self.bytes_sent += getattr(self.hierarchical, "bytes_sent", 0) - before
             work = None
         else:
