@@ -1,6 +1,6 @@
 """Hybrid-parallel layouts on CPU/gloo: parity, pipeline bubble, communication, memory, balance.
 
-    python benchmarks/parallel.py --out results/parallel.json          # ~2 min on 2 CPU cores
+    python benchmarks/parallel.py --out benchmarks/results/parallel.json   # ~6 min on 2 CPU cores
     python benchmarks/parallel.py --out p.json --layouts tp2,pp2_1f1b_m4 --steps 4
 
 For each layout the same GPT is trained for ``--steps`` optimizer steps (step 0 is warm-up and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -50,11 +51,20 @@ LAYOUTS = {
     "pp2_gpipe_m8": dict(pp=2, micro_batches=8, schedule="gpipe"),
     "pp2_1f1b_m4": dict(pp=2, micro_batches=4, schedule="1f1b"),
     "pp2_1f1b_m8": dict(pp=2, micro_batches=8, schedule="1f1b"),
+    "pp2_interleaved_m4": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b"),
+    "pp2_interleaved_m8": dict(pp=2, micro_batches=8, schedule="interleaved_1f1b"),
+    "pp2_interleaved_zb_m8": dict(pp=2, micro_batches=8, schedule="interleaved_zb"),
+    "pp2_zbv_m8": dict(pp=2, micro_batches=8, schedule="zbv"),
+    "pp2_dualpipev_m8": dict(pp=2, micro_batches=8, schedule="dualpipev"),
     "dp2": dict(dp=2),
     "dp2_fsdp": dict(dp=2, dp_mode="fsdp"),
     "dp2_tp2": dict(dp=2, tp=2),
     "pp2_tp2": dict(pp=2, tp=2, micro_batches=4, schedule="1f1b"),
     "dp4_hierarchical": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2),
+    "dp2_overlap": dict(dp=2, dp_overlap=True, bucket_mb=1.0),
+    "dp2_tp2_overlap": dict(dp=2, tp=2, dp_overlap=True, bucket_mb=1.0),
+    "dp4_hierarchical_overlap": dict(dp=4, hierarchical_allreduce=True, ranks_per_node=2, dp_overlap=True,
+                                     bucket_mb=1.0),
     "dp2_pp2_fsdp": dict(dp=2, pp=2, micro_batches=4, schedule="1f1b", dp_mode="fsdp"),
 }
 
@@ -89,8 +99,12 @@ class Probe(pl.Callback):
                         probe.c["busy"] += time.perf_counter() - t0
             return wrapper
 
+        # compute: forward, backward (zero-bubble schedules: input-gradient and deferred weight-
+        # gradient halves) and the loss on the last stage; everything else in a step is bubble
         _PipelineStageBase.forward_one_chunk = timed(_PipelineStageBase.forward_one_chunk)
         _PipelineStageBase.backward_one_chunk = timed(_PipelineStageBase.backward_one_chunk)
+        _PipelineStageBase.backward_weight_one_chunk = timed(_PipelineStageBase.backward_weight_one_chunk)
+        schedules._PipelineSchedule._maybe_compute_loss = timed(schedules._PipelineSchedule._maybe_compute_loss)
 
         def counted_p2p(fn):
             def wrapper(ops, *a, **k):
@@ -130,6 +144,17 @@ class Probe(pl.Callback):
 
         self.mode = FunctionalCollectives()
         strategy = trainer.strategy
+        if getattr(strategy, "sync_gradients", None) is not None:
+            sync = strategy.sync_gradients
+
+            def sync_gradients(*a, **k):        # the dp all-reduce when not overlapped: all exposed
+                t0 = time.perf_counter()
+                try:
+                    return sync(*a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["dp_exposed_s"] = probe.c.get("dp_exposed_s", 0.0) + time.perf_counter() - t0
+            strategy.sync_gradients = sync_gradients
         if hasattr(strategy, "_run_pipeline"):
             inner = strategy._run_pipeline
 
@@ -145,6 +170,8 @@ class Probe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.active = batch_idx >= 1           # step 0: warm-up (shape inference, first allocation)
         self.dp0 = getattr(trainer.strategy, "comm_bytes", 0)
+        ov = getattr(trainer.strategy, "_overlap", None)
+        self.exposed0 = ov.exposed_s if ov is not None else 0.0
         self.t0 = time.perf_counter()
         self.mode.__enter__()
 
@@ -154,6 +181,9 @@ class Probe(pl.Callback):
             self.c["step"] += time.perf_counter() - self.t0
             self.c["steps"] += 1
             self.c["dp"] = self.c.get("dp", 0) + getattr(trainer.strategy, "comm_bytes", 0) - self.dp0
+            ov = getattr(trainer.strategy, "_overlap", None)
+            if ov is not None:                   # time finish() waited on bucket all-reduces
+                self.c["dp_exposed_s"] = self.c.get("dp_exposed_s", 0.0) + ov.exposed_s - self.exposed0
         self.active = False
 
     def on_train_end(self, trainer, pl_module):
@@ -166,6 +196,7 @@ class Probe(pl.Callback):
         n = max(1, self.c["steps"])
         me = {"rank": s.global_rank, "coords": {d: s._coord(d) for d in ("pp", "dp", "tp")},
               "param_bytes_rank": local, "step_s": self.c["step"] / n,
+              "dp_exposed_s": self.c.get("dp_exposed_s", 0.0) / n,
               "bytes_per_step": {k: self.c.get(k, 0) // n for k in ("tp", "pp", "dp", "fsdp")}}
         if self.c["pipe"] > 0:
             me["bubble"] = 1.0 - self.c["busy"] / self.c["pipe"]
@@ -176,6 +207,17 @@ class Probe(pl.Callback):
             Path(self.out).write_text(json.dumps({"ranks": every, **extra}))
 
 
+def theory_bubble(schedule: str, p: int, m: int) -> float:
+    """Idle fraction of a schedule with equal chunk times: GPipe/1F1B (p − 1)/(m + p − 1); interleaved
+    1F1B with 2 virtual stages per rank (p − 1)/(2m + p − 1) (Narayanan et al. 2021); the zero-bubble
+    schedules (Qi et al. 2024) 0 when forward, input-gradient and weight-gradient times are equal."""
+    if schedule in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if schedule == "interleaved_1f1b":
+        return (p - 1) / (2 * m + p - 1)
+    return 0.0
+
+
 def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     """Payload bytes per optimizer step for one rank, from the shapes (fp32)."""
     dp, tp, pp = layout.get("dp", 1), layout.get("tp", 1), layout.get("pp", 1)
@@ -184,7 +226,7 @@ def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     act = B * SEQ * C * 4
     out = {"tp": 0, "pp": 0, "dp": 0, "fsdp": 0}
     c = rank["coords"]
-    first, last = c["pp"] == 0, c["pp"] == pp - 1
+    last = c["pp"] == pp - 1
     blocks = L // pp                              # the benchmark's splits are even (4 blocks)
     if tp > 1 and layout.get("sequence_parallel"):
         # per block, forward: all-gather (input: the local sequence shard) before attn and mlp,
@@ -200,7 +242,18 @@ def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
         # of the logits (forward) and all-reduce of its input gradient (backward)
         out["tp"] = blocks * (2 + 4) * act + (B * SEQ * V // tp * 4 + act if last else 0)
     if pp > 1:
-        out["pp"] = (act if not last else 0) + (act if not first else 0)   # activations fwd, grads bwd
+        # each stage sends its activations forward (unless last) and its input gradient back (unless
+        # first); interleaved: a rank holds stages r and r + pp of 2·pp
+        from dsframe.parallel.layout import ParallelDims
+        from dsframe.parallel.pipeline import stage_ids
+
+        d = ParallelDims(pp=pp, micro_batches=layout.get("micro_batches", 1),
+                         schedule=layout.get("schedule", "1f1b"))
+        rank_of = {i: r for r in range(pp) for i in stage_ids(r, pp, d.stages_per_rank, d.v_shaped)}
+        n = d.num_stages   # a send crosses ranks only if the neighbour stage is elsewhere (V: 1 -> 2 is local)
+        out["pp"] = sum((act if i < n - 1 and rank_of[i + 1] != c["pp"] else 0)
+                        + (act if i > 0 and rank_of[i - 1] != c["pp"] else 0)
+                        for i, r in rank_of.items() if r == c["pp"])
     grad_bytes = rank["param_bytes_rank"]
     if dp > 1 and layout.get("dp_mode") == "fsdp":
         out["fsdp"] = grad_bytes + grad_bytes * dp     # all-gather own shard, reduce-scatter the whole
@@ -219,13 +272,17 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per pipeline layout (bubble: median)")
+    ap.add_argument("--adamw-steps", type=int, default=20,
+                    help="AdamW parity section: steps per layout (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = [n for n in args.layouts.split(",") if n]
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         ap.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
-    base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model=MODEL, lr=0.1)
+    base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model={"kind": "gpt", **MODEL},
+                vocab=MODEL["vocab_size"], lr=0.1)
     from dsframe.machine import machine_info
 
     results = {"model": MODEL, "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "steps": args.steps,
@@ -260,14 +317,29 @@ def main(argv=None):
                     rr["bubble_measured"] = round(r["bubble"], 4)
                 row["ranks"].append(rr)
             if p > 1:
-                row["bubble_theoretical"] = round((p - 1) / (m + p - 1), 4)
-                row["bubble_measured_mean"] = round(sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"]), 4)
+                row["bubble_theoretical"] = round(theory_bubble(lay.get("schedule", "1f1b"), p, m), 4)
+                bubbles = [sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"])]
+                for k in range(1, args.repeats):   # the bubble is a timing: median of repeated runs
+                    run(RunSpec(layout=lay, **base), f"{tmp}/{name}.pt", callbacks=[Probe(probe_file)])
+                    again = json.loads(Path(probe_file).read_text())["ranks"]
+                    bubbles.append(sum(r["bubble"] for r in again) / len(again))
+                row["bubble_measured_runs"] = [round(b, 4) for b in bubbles]
+                row["bubble_measured_mean"] = round(statistics.median(bubbles), 4)
                 row["stage_imbalance"] = round(probe["stage_plan"]["imbalance"], 4)
                 row["stages"] = probe["stage_plan"]["stages"]
+            if lay.get("dp", 1) > 1 and lay.get("dp_mode", "allreduce") == "allreduce":
+                row["dp_exposed_s_per_step"] = round(statistics.mean(r["dp_exposed_s"] for r in probe["ranks"]), 5)
+                base_name = name.removesuffix("_overlap")
+                if lay.get("dp_overlap") and base_name in results["layouts"]:
+                    # hidden = 1 − (wait left after backward) / (the same all-reduce run after backward)
+                    plain = results["layouts"][base_name]["dp_exposed_s_per_step"]
+                    row["dp_comm_hidden_fraction"] = round(1.0 - row["dp_exposed_s_per_step"] / plain, 3)
             results["layouts"][name] = row
             print(f"{name:18s} diff {row['max_abs_diff']:.2e}  "
                   + (f"bubble {row['bubble_measured_mean']:.3f} (theory {row['bubble_theoretical']:.3f})  "
                      if p > 1 else "") + f"wall {wall:.1f}s", flush=True)
+        if args.adamw_steps:
+            results["adamw_parity"] = adamw_parity(base, args.adamw_steps, tmp)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -276,23 +348,66 @@ def main(argv=None):
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+ADAMW_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batches=2), "dp2_tp2": dict(dp=2, tp=2),
+                 "pp2_tp2": dict(pp=2, tp=2, micro_batches=2),
+                 "pp2_interleaved": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b")}
+
+
+def adamw_parity(base: dict, steps: int, tmp: str) -> dict:
+    """The task's AdamW (weight decay 0.01 on matrices, LR decaying linearly by samples) for ``steps``
+    steps per layout vs one process: loss curves, and weights split into attention key biases (exact
+    gradient 0: Adam turns round-off into up-to-lr steps) and all others."""
+    spec = {**base, "steps": steps, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01}
+    ref = run(RunSpec(**spec), f"{tmp}/adamw_ref.pt")
+    rows = {"steps": steps, "lr": 1e-3, "loss_first_last_one_process": [ref["losses"][0], ref["losses"][-1]],
+            "layouts": {}}
+    for name, lay in ADAMW_LAYOUTS.items():
+        res = run(RunSpec(layout=lay, **spec), f"{tmp}/adamw_{name}.pt")
+        live = [k for k in ref["params"] if not k.endswith("attn.k.bias")]
+        null = [k for k in ref["params"] if k.endswith("attn.k.bias")]
+        rows["layouts"][name] = {
+            "loss_max_abs_diff": max(abs(a - b) for a, b in zip(res["losses"], ref["losses"])),
+            "weights_max_abs_diff": max_abs_diff({k: res["params"][k] for k in live}, {k: ref["params"][k] for k in live}),
+            "key_bias_max_abs_diff": max_abs_diff({k: res["params"][k] for k in null}, {k: ref["params"][k] for k in null})}
+        print(f"adamw {name:16s} {rows['layouts'][name]}", flush=True)
+    return rows
+
+
 def markdown(results: dict) -> str:
     m = results.get("machine", {})
     lines = [f"Machine: {m.get('cpu_model', '?')} ({m.get('arch', '?')}, {m.get('cpus', '?')} CPUs; "
              f"{' '.join(m.get('cpu_flags', []))}), torch {m.get('torch', '?')}, load average "
              f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after.", "",
-             "| layout | ranks | max_abs_diff | bubble measured / theory | imbalance | "
+             "| layout | ranks | max_abs_diff | bubble measured median (min–max) / theory | imbalance | "
              "comm bytes/step rank 0 (measured / analytic) | params on rank 0 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():
         r0 = r["ranks"][0]
         meas = sum(r0["comm_bytes_per_step"].values())
         ana = sum(r0["comm_bytes_analytic"].values())
-        bub = (f"{r['bubble_measured_mean']:.3f} / {r['bubble_theoretical']:.3f}" if "bubble_theoretical" in r
-               else "–")
+        runs = r.get("bubble_measured_runs", [])
+        bub = (f"{r['bubble_measured_mean']:.3f} ({min(runs):.3f}–{max(runs):.3f}) / {r['bubble_theoretical']:.3f}"
+               if "bubble_theoretical" in r else "–")
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
         lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
                      f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")
+    hidden = {n: r for n, r in results["layouts"].items() if "dp_comm_hidden_fraction" in r}
+    if hidden:
+        lines += ["", "| overlapped dp layout | dp all-reduce wait per step, overlapped / after backward | "
+                  "communication hidden |", "|---|---|---|"]
+        for name, r in hidden.items():
+            plain = results["layouts"][name.removesuffix("_overlap")]["dp_exposed_s_per_step"]
+            lines.append(f"| {name} | {1000 * r['dp_exposed_s_per_step']:.1f} ms / {1000 * plain:.1f} ms | "
+                         f"{100 * r['dp_comm_hidden_fraction']:.0f} % |")
+    ad = results.get("adamw_parity")
+    if ad:
+        lines += ["", f"AdamW parity, {ad['steps']} steps, lr {ad['lr']} (one-process loss "
+                  f"{ad['loss_first_last_one_process'][0]:.3f} → {ad['loss_first_last_one_process'][1]:.3f}):", "",
+                  "| layout | loss max abs diff | weights max abs diff (all but key biases) | key biases |",
+                  "|---|---|---|---|"]
+        for name, r in ad["layouts"].items():
+            lines.append(f"| {name} | {r['loss_max_abs_diff']:.1e} | {r['weights_max_abs_diff']:.1e} | "
+                         f"{r['key_bias_max_abs_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,8 +22,6 @@ def _worker(rank, world, out):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from dsframe.parallel.plans import bert_tp_plan
-
     model = _build()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (3, 10), generator=g)
@@ -35,7 +33,7 @@ def _worker(rank, world, out):
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    parallelize_module(model, mesh, bert_tp_plan(model))
+    parallelize_module(model, mesh, model.tp_plan())
     q = model.encoder.encoder.layer[0].attention.self.query.weight
     assert isinstance(q, DTensor) and q.to_local().shape == (32 // world, 32)
     out_tp = model(ids, mask)

@@ -54,3 +54,44 @@ def test_hierarchical_equals_flat_all_reduce_and_works_as_ddp_hook(tmp_path):
     assert res[:, 1].max() <= 1e-6                       # DDP with the hook = DDP's own all-reduce
     assert res[:, 2].tolist() == [3.0, 2.0, 3.0, 2.0]     # only node leaders cross nodes
     assert res[:, 3].min() > 1e-3                          # the gradients are not trivially zero
+
+
+def _overlap_worker(rank, world, out):
+    from dsframe.parallel.overlap import OverlappedGradSync
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3))
+    params = list(net.parameters())
+    sync = OverlappedGradSync(params, dist.group.WORLD, world, bucket_bytes=1)   # one parameter per bucket
+    started_before_first_layer = []
+    # registered after the sync's hook: runs once the first layer's weight gradient is final, i.e. at
+    # the very end of backward; by then every later layer's bucket must already be on its way
+    params[0].register_post_accumulate_grad_hook(lambda p: started_before_first_layer.append(len(sync.launched)))
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+    torch.nn.functional.mse_loss(net(x), y).backward()                # not armed: nothing sent
+    assert not sync.launched and sync.calls == 0
+    local = [p.grad.clone() for p in params]
+    net.zero_grad()
+    sync.arm()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    sync.finish()
+    expect = []
+    for g_ in local:
+        g_ = g_.clone()
+        dist.all_reduce(g_)
+        expect.append(g_ / world)
+    err = max((p.grad - e).abs().max().item() for p, e in zip(params, expect))
+    res = torch.tensor([err, float(started_before_first_layer[-1]), float(len(sync.buckets)), float(sync.calls)])
+    if rank == 0:
+        torch.save(res, out)
+
+
+@pytest.mark.slow
+def test_overlapped_buckets_start_during_backward_and_average(tmp_path):
+    res = torch.load(run_forked(_overlap_worker, 2, tmp_path))
+    err, started, buckets, calls = res.tolist()
+    assert err <= 1e-7                          # the dp average, as a flat all-reduce gives it
+    assert buckets == calls == 6                # one bucket per parameter, each sent once
+    assert started >= 4                         # 4 later buckets started before backward reached layer 0

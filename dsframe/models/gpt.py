@@ -13,6 +13,9 @@ Built to be split two ways:
   parameter names stay those of the whole model (``blocks.3.attn.q.weight``), so checkpoints of
   any pipeline layout are interchangeable.
 
+Both through the parallel contract of :mod:`dsframe.parallel.contract` (``tp_plan``,
+``tp_divisible``, ``pipeline_units``, ``pipeline_stage``, ``pipeline_inputs``, ``layer_flops``).
+
 The LM head is not tied to the token embedding (tying across pipeline stages needs an extra
 all-reduce per step; small models lose little).
 """
@@ -171,14 +174,30 @@ class GPT(nn.Module):
         stage.lm_head = copy.deepcopy(self.lm_head) if last else None
         return stage
 
-    def layer_flops(self, seq_len: int) -> dict[str, float]:
+    def pipeline_inputs(self, batch: dict) -> tuple:
+        return (batch["input_ids"],)
+
+    def pipeline_example(self, batch_size: int, seq_len: int | None = None) -> dict:
+        T = seq_len or self.config.block_size
+        return {"input_ids": torch.randint(0, self.config.vocab_size, (batch_size, T))}
+
+    def layer_flops(self, seq_len: int | None = None) -> dict[str, float]:
         """Forward FLOPs per token of each pipeline unit (+ 'embed', 'head'): for stage balancing."""
         c = self.config
+        seq_len = seq_len or c.block_size
         block = 24 * c.n_embd ** 2 + 4 * seq_len * c.n_embd  # 12 C² weights ×2, QKᵀ and AV
         out = {k: float(block) for k in self.blocks}
         out["embed"] = float(2 * c.n_embd)
         out["head"] = float(2 * c.n_embd * c.vocab_size)
         return out
+
+    # -- tensor parallel ----------------------------------------------------------------
+    def tp_plan(self, sequence_parallel: bool = False) -> dict:
+        return tp_plan(self, sequence_parallel=sequence_parallel)
+
+    def tp_divisible(self) -> dict[str, int]:
+        c = self.config
+        return {"model.n_head": c.n_head, "model.n_embd": c.n_embd, "model.vocab_size": c.vocab_size}
 
 
 def tp_plan(model: GPT, sequence_parallel: bool = False) -> dict:

@@ -1,7 +1,7 @@
 """Hybrid data × tensor × pipeline parallel training (``strategy=hybrid``); see docs/parallel.md.
 
 layout.py    ParallelDims: the pp × dp × tp layout and its checks (before any process starts)
-plans.py     tensor-parallel plans by model kind (the GPT plan lives in dsframe/models/gpt.py)
+contract.py  what a model implements to get TP / PP (its plan, divisibility, pipeline units)
 pipeline.py  balanced pipeline stages and schedules
 strategy.py  HybridParallelStrategy, the Lightning strategy
 factory.py   HybridStrategyFactory: the ``dsframe.strategies`` entry point (config, validate, build)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, ClassVar, Optional
 
 from dsframe.errors import ConfigError
+from dsframe.parallel import contract
 from dsframe.parallel.layout import ParallelDims
 from dsframe.strategies import LaunchConfig, StrategyFactory
 
@@ -25,12 +26,14 @@ class HybridConfig(LaunchConfig):
     tp: int = 1
     pp: int = 1
     micro_batches: int = 1
-    schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
     dp_mode: str = "allreduce"              # allreduce (DDP-style gradient all-reduce) | fsdp (FSDP2)
     hierarchical_allreduce: bool = False    # reduce in node → all-reduce across nodes → broadcast in node
     sequence_parallel: bool = False         # shard LayerNorms / residual stream along the sequence (pp=1)
     ranks_per_node: Optional[int] = None    # null: LOCAL_WORLD_SIZE / devices
     balance: str = "flops"                  # pipeline stage costs: flops | measured | uniform
+    dp_overlap: bool = False                # dp all-reduce in buckets started during backward (as DDP)
+    bucket_mb: float = 25.0                 # bucket size of dp_overlap
 
     def __post_init__(self):
         super().__post_init__()  # backend, start_method, timeout_s
@@ -42,24 +45,17 @@ class HybridConfig(LaunchConfig):
                               "false when pp > 1 (stages pass plain, replicated activations)")
         if self.balance not in BALANCE:
             raise ConfigError("strategy.balance", self.balance, f"one of {', '.join(BALANCE)}")
+        if self.dp_overlap and (self.pp > 1 or self.dp_mode != "allreduce"):
+            raise ConfigError("strategy.dp_overlap", self.dp_overlap,
+                              "false when pp > 1 or dp_mode=fsdp (FSDP2 overlaps its own collectives)")
+        if not self.bucket_mb > 0:
+            raise ConfigError("strategy.bucket_mb", self.bucket_mb, "a number > 0 (MiB)")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ConfigError("strategy.ranks_per_node", self.ranks_per_node, "null or an integer >= 1")
 
     def dims(self) -> ParallelDims:
         return ParallelDims(dp=self.dp, tp=self.tp, pp=self.pp, micro_batches=self.micro_batches,
                             schedule=self.schedule)
-
-
-def dims_of(model: Any) -> dict:
-    """Layer / head / hidden / vocab sizes of a dsframe model, for the divisibility checks."""
-    kind = getattr(model, "kind", None)
-    if kind == "bert":
-        from dsframe.parallel.plans import bert_dims
-        return bert_dims(model)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "n_layer"):
-        return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size}
-    return {}
 
 
 class HybridStrategyFactory(StrategyFactory):
@@ -69,21 +65,32 @@ class HybridStrategyFactory(StrategyFactory):
     Config: ClassVar[type] = HybridConfig
 
     def validate(self, config: HybridConfig, world_size: int, model: Any, batch_size: Optional[int]) -> None:
+        """Everything the model must offer comes from the parallel contract (dsframe.parallel.contract)."""
         dims = config.dims()
         dims.validate_world(world_size)
         kind = getattr(model, "kind", type(model).__name__)
-        if dims.pp > 1 and not hasattr(model, "pipeline_stage"):
+        if dims.pp > 1 and not contract.supports_pp(model):
+            need = ", ".join(contract.missing(model, contract.PP_METHODS))
             raise ConfigError("strategy.pp", dims.pp, f"1: model '{kind}' cannot be cut into pipeline stages "
-                                                      f"(a model needs pipeline_stage(); gpt has it)")
+                                                      f"(it lacks {need} of the parallel contract)")
+        if dims.pp > 1 and config.balance == "measured" and contract.missing(model, ("pipeline_example",)):
+            raise ConfigError("strategy.balance", config.balance,
+                              f"flops or uniform: model '{kind}' has no pipeline_example() to time stages on")
+        divisible: dict[str, int] = {}
         if dims.tp > 1:
-            from dsframe.parallel.plans import tp_plan_for
+            if not contract.supports_tp(model):
+                need = ", ".join(contract.missing(model, contract.TP_METHODS))
+                raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan "
+                                                          f"(it lacks {need} of the parallel contract)")
             try:
-                tp_plan_for(model, **({"sequence_parallel": True} if config.sequence_parallel else {}))
-            except TypeError:
-                raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan") from None
-        model_dims = dims_of(model)
-        if model_dims:
-            dims.validate_model(**model_dims)
+                contract.tp_plan(model, sequence_parallel=config.sequence_parallel)
+            except NotImplementedError:
+                raise ConfigError("strategy.sequence_parallel", config.sequence_parallel,
+                                  f"false: model '{kind}' offers no sequence-parallel plan") from None
+            divisible = model.tp_divisible()
+        if dims.pp > 1 or divisible:
+            units = len(model.pipeline_units()) if dims.pp > 1 else dims.num_stages
+            dims.validate_model(units=units, divisible=divisible)
         if batch_size is not None:
             dims.validate_batch(batch_size)
 
@@ -114,6 +121,7 @@ class HybridStrategyFactory(StrategyFactory):
                                       schedule=config.schedule, dp_mode=config.dp_mode,
                                       hierarchical_allreduce=config.hierarchical_allreduce,
                                       sequence_parallel=config.sequence_parallel,
+                                      dp_overlap=config.dp_overlap, bucket_mb=config.bucket_mb,
                                       ranks_per_node=config.ranks_per_node, balance=config.balance,
                                       start_method=config.start_method, process_group_backend=backend,
                                       timeout=timedelta(seconds=config.timeout_s))

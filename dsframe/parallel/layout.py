@@ -1,7 +1,8 @@
 """The process layout of hybrid parallel training: pp × dp × tp, validated before any process starts.
 
 Modelled on torchtitan's ``ParallelDims``: the layout is checked on its own (sizes, world size),
-then against the model (heads, hidden and vocab divisible by tp; layers ≥ pipeline stages) and
+then against the model (the sizes its ``tp_divisible()`` names divisible by tp; pipeline units ≥
+stages) and
 the batch (micro-batches ≥ pp and dividing the per-rank batch). Every failure is a
 :class:`dsframe.errors.ConfigError` naming the key, the bad value and what is allowed.
 
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 
 from dsframe.errors import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+# two virtual stages per rank: looped (rank r holds r and r + pp) or V-shaped (r and 2·pp − 1 − r)
+LOOPED = ("interleaved_1f1b", "interleaved_zb")
+V_SHAPED = ("zbv", "dualpipev")
 MESH_DIMS = ("pp", "dp", "tp")
 
 
@@ -39,9 +43,12 @@ class ParallelDims:
         if self.pp > 1 and self.micro_batches < self.pp:
             raise ConfigError("strategy.micro_batches", self.micro_batches,
                               f"at least pp={self.pp} micro-batches, or the pipeline never fills")
-        if self.schedule == "interleaved_1f1b" and self.pp > 1 and self.micro_batches % self.pp:
+        if self.schedule in LOOPED and self.pp > 1 and self.micro_batches % self.pp:
             raise ConfigError("strategy.micro_batches", self.micro_batches,
-                              f"a multiple of pp={self.pp} for the interleaved 1F1B schedule")
+                              f"a multiple of pp={self.pp} for the {self.schedule} schedule")
+        if self.schedule == "dualpipev" and self.pp > 1 and self.micro_batches < 2 * self.pp:
+            raise ConfigError("strategy.micro_batches", self.micro_batches,
+                              f"at least 2·pp={2 * self.pp} for DualPipeV (one per virtual stage)")
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -54,8 +61,12 @@ class ParallelDims:
 
     @property
     def stages_per_rank(self) -> int:
-        """Virtual pipeline stages held by one pp rank (2 for interleaved 1F1B)."""
-        return 2 if (self.schedule == "interleaved_1f1b" and self.pp > 1) else 1
+        """Virtual pipeline stages held by one pp rank (2 for the interleaved and V schedules)."""
+        return 2 if (self.schedule in LOOPED + V_SHAPED and self.pp > 1) else 1
+
+    @property
+    def v_shaped(self) -> bool:
+        return self.schedule in V_SHAPED
 
     @property
     def num_stages(self) -> int:
@@ -80,19 +91,19 @@ class ParallelDims:
                 f"dp·tp·pp must equal the world size {world_size} (devices × num_nodes); "
                 f"here it is {self.world_size}")
 
-    def validate_model(self, *, n_layer: int, n_head: int | None = None, n_embd: int | None = None,
-                       vocab_size: int | None = None, ffn: int | None = None) -> None:
-        """The model can be split tp ways (heads, hidden, vocab) and into pp stages (layers)."""
+    def validate_model(self, *, units: int, divisible: dict[str, int] | None = None,
+                       units_key: str = "model.n_layer") -> None:
+        """The model can be split tp ways (``divisible``: config key -> size that tp must divide, the
+        model's ``tp_divisible()``) and into pp stages (``units`` pipeline units, one per stage at least)."""
         t = self.tp
-        for key, v in (("n_head", n_head), ("n_embd", n_embd), ("vocab_size", vocab_size), ("ffn", ffn)):
-            if v is not None and v % t:
-                raise ConfigError(f"model.{key}", v, f"a multiple of strategy.tp={t} (tensor parallel "
-                                                     f"splits it across {t} ranks)")
-        if n_layer < self.num_stages:
+        for key, v in (divisible or {}).items():
+            if v % t:
+                raise ConfigError(key, v, f"a multiple of strategy.tp={t} (tensor parallel splits it "
+                                          f"across {t} ranks)")
+        if units < self.num_stages:
             what = (f"pp={self.pp} × 2 virtual stages" if self.stages_per_rank == 2
                     else f"strategy.pp={self.pp}")
-            raise ConfigError("model.n_layer", n_layer, f"at least {what} layers: each pipeline stage "
-                                                         f"needs a layer")
+            raise ConfigError(units_key, units, f"at least {what} layers: each pipeline stage needs a layer")
 
     def validate_batch(self, batch_size: int) -> None:
         """``batch_size`` is the per-dp-rank batch (the data loader's batch)."""
@@ -101,22 +112,10 @@ class ParallelDims:
                               f"a multiple of strategy.micro_batches={self.micro_batches} "
                               f"(each pipeline step splits the batch into equal micro-batches)")
 
-    def validate(self, world_size: int, *, batch_size: int | None = None, **model_dims) -> None:
+    def validate(self, world_size: int, *, batch_size: int | None = None, units: int | None = None,
+                 divisible: dict[str, int] | None = None) -> None:
         self.validate_world(world_size)
-        if model_dims:
-            self.validate_model(**model_dims)
+        if units is not None:
+            self.validate_model(units=units, divisible=divisible)
         if batch_size is not None:
             self.validate_batch(batch_size)
-
-
-def model_dims(model) -> dict:
-    """The dims `validate_model` needs, read from a dsframe model's ``arch()`` (GPT or BERT)."""
-    arch = model.arch() if hasattr(model, "arch") else dict(model)
-    cfg = arch.get("config", arch)
-    get = lambda *names: next((cfg[n] for n in names if n in cfg and cfg[n] is not None), None)  # noqa: E731
-    dims = {"n_layer": get("n_layer", "num_hidden_layers", "layers"),
-            "n_head": get("n_head", "num_attention_heads", "heads"),
-            "n_embd": get("n_embd", "hidden_size", "hidden"),
-            "vocab_size": get("vocab_size", "vocab"),
-            "ffn": get("ffn", "intermediate_size")}
-    return {k: v for k, v in dims.items() if v is not None}

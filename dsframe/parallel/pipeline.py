@@ -1,14 +1,17 @@
 """Pipeline stages: balanced split by per-layer cost, stage modules, schedules.
 
-Balancing. Each pipeline unit (a transformer block) has a cost — estimated from FLOPs
-(``model.layer_flops``) or measured (forward+backward wall time of the unit on a sample). The
-embedding is charged to the first unit and the LM head to the last, since they travel with the
-end stages. Contiguous units are then split into ``num_stages`` groups minimising the most
+Balancing. Each pipeline unit (``model.pipeline_units()``, e.g. a transformer block) has a cost —
+estimated from FLOPs (``model.layer_flops``) or measured (forward+backward wall time of a one-unit
+stage on ``model.pipeline_example``). The input end (embedding) is charged to the first unit and
+the output end (head) to the last, since they travel with the end stages. Contiguous units are then split into ``num_stages`` groups minimising the most
 expensive stage (exact dynamic programme, O(stages · units²)). The imbalance reported is
 ``max(stage cost) / min(stage cost) − 1``.
 
-Schedules come from ``torch.distributed.pipelining``: GPipe, 1F1B and interleaved 1F1B (two
-virtual stages per rank, looped: rank r holds stages r and r + pp).
+Schedules come from ``torch.distributed.pipelining``: GPipe, 1F1B, interleaved 1F1B and interleaved
+zero-bubble (two virtual stages per rank, looped: rank r holds stages r and r + pp), and the
+zero-bubble V schedules ZB-V and DualPipeV (V-shaped: rank r holds r and 2·pp − 1 − r). The
+zero-bubble ones split each backward into input gradient (sent on at once) and weight gradient
+(deferred into what would be idle time).
 """
 from __future__ import annotations
 
@@ -68,8 +71,8 @@ def balance(costs: list[float], num_stages: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
-def estimate_costs(model: nn.Module, seq_len: int) -> dict[str, float]:
-    """FLOP-based cost of each unit, embedding folded into the first, head into the last."""
+def estimate_costs(model: nn.Module, seq_len: int | None) -> dict[str, float]:
+    """FLOP-based cost of each unit, the input end folded into the first, the output end into the last."""
     flops = model.layer_flops(seq_len)
     units = model.pipeline_units()
     costs = {u: 3.0 * flops[u] for u in units}          # forward + backward ≈ 3 × forward
@@ -78,44 +81,38 @@ def estimate_costs(model: nn.Module, seq_len: int) -> dict[str, float]:
     return costs
 
 
-def measure_costs(model: nn.Module, sample: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Measured forward+backward seconds of each unit on ``sample`` (input ids [B, T]).
-
-    Embedding and head are measured too and folded into the first and last unit."""
+def measure_costs(model: nn.Module, example: dict, repeats: int = 3) -> dict[str, float]:
+    """Measured forward+backward seconds of each unit, as a one-unit pipeline stage (the first with
+    the input end, the last with the output end) fed the previous one's output, starting from
+    ``model.pipeline_inputs(example)``. The stages are copies: the model's gradients stay untouched."""
     units = model.pipeline_units()
+    n = len(units)
+    x = tuple(model.pipeline_inputs(example))
     times = {}
-
-    def timed(fn, x):
-        best = float("inf")
-        for _ in range(repeats):
-            x_ = x.detach().requires_grad_(x.is_floating_point())
-            t0 = time.perf_counter()
-            out = fn(x_)
-            out.float().sum().backward()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
     with torch.enable_grad():
-        T = sample.shape[1]
-        embed = lambda ids: model.wte(ids) + model.wpe(torch.arange(T, device=ids.device))  # noqa: E731
-        t_embed = timed(embed, sample)
-        h = embed(sample).detach()
-        for u in units:
-            times[u] = timed(model.blocks[u], h)
-        t_head = timed(lambda x: model.lm_head(model.ln_f(x)), h)
-    model.zero_grad(set_to_none=True)
-    times[units[0]] += t_embed
-    times[units[-1]] += t_head
+        for i, u in enumerate(units):
+            stage = model.pipeline_stage([u], first=i == 0, last=i == n - 1)
+            best = float("inf")
+            for _ in range(repeats):
+                args = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+                t0 = time.perf_counter()
+                out = stage(*args)
+                outs = out if isinstance(out, tuple) else (out,)
+                sum(o.float().sum() for o in outs if o.requires_grad).backward()
+                best = min(best, time.perf_counter() - t0)
+            times[u] = best
+            with torch.no_grad():
+                out = stage(*x)
+            x = out if isinstance(out, tuple) else (out,)
     return times
 
 
-def plan_stages(model: nn.Module, num_stages: int, seq_len: int, method: str = "flops",
-                sample: torch.Tensor | None = None) -> StagePlan:
+def plan_stages(model: nn.Module, num_stages: int, seq_len: int | None = None, method: str = "flops",
+                example: dict | None = None) -> StagePlan:
+    """Contiguous split of ``model.pipeline_units()`` into ``num_stages`` stages of balanced cost."""
     units = model.pipeline_units()
     if method == "measured":
-        if sample is None:
-            sample = torch.randint(0, model.config.vocab_size, (2, seq_len))
-        costs = measure_costs(model, sample)
+        costs = measure_costs(model, example if example is not None else model.pipeline_example(2, seq_len))
     elif method == "flops":
         costs = estimate_costs(model, seq_len)
     elif method == "uniform":
@@ -128,18 +125,22 @@ def plan_stages(model: nn.Module, num_stages: int, seq_len: int, method: str = "
                      unit_costs=costs, method=method)
 
 
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """Stages held by a pp rank: looped assignment (r, r + pp, ...) as interleaved 1F1B expects."""
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, v_shaped: bool = False) -> list[int]:
+    """Stages held by a pp rank: looped (r, r + pp, ...) as the interleaved schedules expect, or
+    V-shaped (r, 2·pp − 1 − r) as ZB-V and DualPipeV do (rank 0 holds the first and the last)."""
+    if v_shaped:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import schedules as s
 
-    if name == "gpipe":
-        return ScheduleGPipe(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
-    if name == "1f1b":
-        return Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
-    if name == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    single = {"gpipe": s.ScheduleGPipe, "1f1b": s.Schedule1F1B}
+    multi = {"interleaved_1f1b": s.ScheduleInterleaved1F1B, "interleaved_zb": s.ScheduleInterleavedZeroBubble,
+             "zbv": s.ScheduleZBVZeroBubble, "dualpipev": s.ScheduleDualPipeV}
+    if name in single:
+        return single[name](stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    if name in multi:
+        return multi[name](stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
     raise ValueError(f"pipeline schedule {name!r}")

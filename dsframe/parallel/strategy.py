@@ -24,6 +24,7 @@ its own backward inside ``training_step``, so its gradients are put aside there 
 """
 from __future__ import annotations
 
+import copy
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -42,9 +43,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.trainer.states import TrainerFn
 
 from dsframe.batch import batch_size
+from dsframe.parallel import contract
 from dsframe.parallel.layout import ParallelDims
 from dsframe.parallel.pipeline import StagePlan, build_schedule, plan_stages, stage_ids
-from dsframe.parallel.plans import tp_plan_for
 
 DP_MODES = ("allreduce", "fsdp")
 
@@ -81,7 +82,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, micro_batches: int = 1, schedule: str = "1f1b",
                  dp_mode: str = "allreduce", hierarchical_allreduce: bool = False,
                  ranks_per_node: Optional[int] = None, balance: str = "flops", model_attr: str = "model",
-                 sequence_parallel: bool = False,
+                 sequence_parallel: bool = False, dp_overlap: bool = False, bucket_mb: float = 25.0,
                  start_method: str = "fork", process_group_backend: Optional[str] = None,
                  timeout: timedelta = timedelta(minutes=30), save_distributed_checkpoint: bool = True,
                  seq_len: Optional[int] = None):
@@ -92,6 +93,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if dp_mode not in DP_MODES:
             raise ValueError(f"dp_mode={dp_mode!r}: one of {DP_MODES}")
         self.dp_mode = dp_mode
+        if dp_overlap and (pp > 1 or dp_mode != "allreduce"):
+            raise ValueError("dp_overlap is offered with dp_mode=allreduce and no pipeline (pp=1)")
+        self.dp_overlap = dp_overlap and dp > 1
+        self.bucket_mb = bucket_mb
+        self._overlap = None
+        self._overlap_counted = (0, 0)
         if sequence_parallel and pp > 1:
             raise ValueError("sequence_parallel is offered without a pipeline (pp=1)")
         self.sequence_parallel = sequence_parallel and tp > 1
@@ -106,6 +113,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._schedule = None
         self._pp_grads: Optional[list] = None
         self._hier = None
+        self._whole: Optional[nn.Module] = None
         self.comm_bytes = 0          # bytes this rank put into DP gradient all-reduces
         self.comm_calls = 0
 
@@ -143,6 +151,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
             else:
                 self._launcher = _ForkLauncher(self, start_method=self.start_method)
 
+    def _ranks_started_elsewhere(self) -> bool:
+        """torchrun / SLURM / Lightning's popen launcher started this rank, not our fork launcher (whose
+        children also see LOCAL_RANK, so the environment alone cannot tell)."""
+        env = self.cluster_environment
+        return env is not None and env.creates_processes_externally and not isinstance(self._launcher, _ForkLauncher)
+
     def setup_environment(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -150,6 +164,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.dims.validate_world(self.world_size)
         self._device_mesh = init_device_mesh(self.root_device.type, self.dims.mesh_shape,
                                              mesh_dim_names=("pp", "dp", "tp"))
+        if self.global_rank == 0:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+            env = self.cluster_environment
+            how = "ranks started externally" if self._ranks_started_elsewhere() else "forked ranks"
+            rank_zero_info(f"hybrid: {type(env).__name__} ({how}), "
+                           f"{self.num_nodes} node(s) x {self.num_processes} process(es), mesh (pp, dp, tp) = "
+                           f"{self.dims.mesh_shape}")
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -167,6 +188,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        if self.dp_overlap and trainer.state.fn == TrainerFn.FITTING:
+            from dsframe.parallel.overlap import OverlappedGradSync
+            self._overlap = OverlappedGradSync(
+                self._params(), self.device_mesh["dp"].get_group(), self.dims.dp, int(self.bucket_mb * 2 ** 20),
+                hierarchical=self._hier_obj() if self.hierarchical_allreduce else None)
         # clip by the whole model's norm (torch's clip_grad_norm_ would see one stage / one shard)
         self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.clip_grad_norm(clip_val)
 
@@ -177,30 +203,36 @@ class HybridParallelStrategy(ModelParallelStrategy):
         model = getattr(task, self.model_attr)
         d = self.dims
         parts = [model]
+        if self._ranks_started_elsewhere():
+            # torchrun / SLURM: no parent process gets the weights back, so this rank keeps the whole
+            # model unsharded and fills it at the end of fit (on_train_end); TP then shards a copy
+            self._whole = model
+            if d.pp == 1:
+                parts = [copy.deepcopy(model)]
         if d.pp > 1:
             adds_loss = [type(p).__name__ for p in getattr(task, "plugins", [])
                          if getattr(type(p), "loss", None) is not _base_plugin_loss()]
             if adds_loss:
                 raise RuntimeError(f"plugins {adds_loss} add a loss term, which a pipeline schedule (pp > 1) "
                                    f"does not apply: use pp=1 with them")
-            seq = self.seq_len or model.config.block_size
-            sample = torch.randint(0, model.config.vocab_size, (2, seq)) if self.balance == "measured" else None
-            plan = [plan_stages(model, d.num_stages, seq, method=self.balance, sample=sample)
-                    if self.global_rank == 0 or self.balance != "measured" else None]
-            if self.balance == "measured":   # timings differ per rank: everyone takes rank 0's split
+            measured = self.balance == "measured"
+            plan = [plan_stages(model, d.num_stages, self.seq_len, method=self.balance)
+                    if self.global_rank == 0 or not measured else None]
+            if measured:   # timings differ per rank: everyone takes rank 0's split
                 dist.broadcast_object_list(plan, src=0)
             self.stage_plan = plan[0]
             if self.global_rank == 0:
                 from lightning.pytorch.utilities.rank_zero import rank_zero_info
                 rank_zero_info(f"pipeline: {d.num_stages} stages {self.stage_plan.stages}, cost "
                                f"({self.balance}) imbalance max/min-1 = {100 * self.stage_plan.imbalance:.1f}%")
-            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank)
+            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank, d.v_shaped)
             parts = [model.pipeline_stage(self.stage_plan.stages[i], first=(i == 0), last=(i == d.num_stages - 1))
                      for i in ids]
+            self._pipeline_inputs = model.pipeline_inputs
         if d.tp > 1:
             for part in parts:
-                plan = tp_plan_for(part, sequence_parallel=True) if self.sequence_parallel else tp_plan_for(part)
-                parallelize_module(part, self.device_mesh["tp"], plan)
+                parallelize_module(part, self.device_mesh["tp"],
+                                   contract.tp_plan(part, sequence_parallel=self.sequence_parallel))
         if d.dp > 1 and self.dp_mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
             for part in parts:
@@ -208,13 +240,14 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if d.pp > 1:
             from torch.distributed.pipelining import PipelineStage
 
-            ids = stage_ids(self.pp_rank, d.pp, d.stages_per_rank)
             group = self.device_mesh["pp"].get_group()
             self._stages = [PipelineStage(part.to(self.root_device), i, d.num_stages, self.root_device, group=group)
                             for part, i in zip(parts, ids)]
             self._has_first = 0 in ids
             self._has_last = d.num_stages - 1 in ids
-            setattr(task, self.model_attr, _merge_stages(model, parts))
+            # the pp rank holding the last stage (the loss): the last rank, or rank 0 in a V
+            self._last_pp_rank = 0 if d.v_shaped else d.pp - 1
+            setattr(task, self.model_attr, contract.merge_stages(parts))
         elif d.tp > 1 or (d.dp > 1 and self.dp_mode == "fsdp"):
             setattr(task, self.model_attr, parts[0])
 
@@ -236,55 +269,78 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if self.dims.pp == 1:
             return super().training_step(*args, **kwargs)
         batch = args[0]
+        task = self.lightning_module
         params = self._params()
         kept = [p.grad for p in params]          # accumulated grads of earlier micro-steps
         for p in params:
             p.grad = None
+        # the task's train metrics need the logits; most tasks (LM) do not, so they are not sent
+        wants_logits = _overrides(task, "on_train_logits")
         with self.precision_plugin.train_step_context():   # autocast under bf16-mixed, as Lightning does
-            loss = self._run_pipeline(batch, train=True)
+            loss, logits = self._run_pipeline(batch, train=True, want_logits=wants_logits)
         self._pp_grads = [p.grad for p in params]  # put aside: Lightning zero_grads before backward
         for p, g in zip(params, kept):
             p.grad = g
-        self.lightning_module.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        # what Task.training_step does after its loss: count samples (the LR schedule runs on them), log
+        if hasattr(task, "samples_seen"):
+            task.samples_seen += batch_size(batch) * task.trainer.world_size
+        task.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
+        if logits is not None:
+            task.on_train_logits(logits, batch)
         return loss
 
-    def _run_pipeline(self, batch, train: bool) -> torch.Tensor:
+    def _run_pipeline(self, batch, train: bool, want_logits: bool = False):
+        """One schedule step (train) or forward pass (eval) over the batch's micro-batches. Returns
+        the mean micro-batch loss and, if ``want_logits``, the whole batch's logits — both on every
+        pp rank (they exist on the last stage only)."""
         sched = self._pipeline_schedule()
-        x, y = batch["input_ids"], batch["labels"]
-        args = (x,) if self._has_first else ()
-        kw = {"target": y, "losses": []} if self._has_last else {}
+        args = tuple(self._pipeline_inputs(batch)) if self._has_first else ()
+        kw = {"target": batch["labels"], "losses": []} if self._has_last else {}
         if train:
-            sched.step(*args, **kw)
+            out = sched.step(*args, return_outputs=want_logits, **kw)
         else:
-            sched.eval(*args, **kw)
+            out = sched.eval(*args, **kw)
         loss = (torch.stack(kw["losses"]).mean().detach() if self._has_last
                 else torch.zeros((), device=self.root_device))
-        # only the last stage has the loss: send it to the other pp ranks (for logging and the closure)
         pp_group = self.device_mesh["pp"].get_group()
-        src = dist.get_global_rank(pp_group, self.dims.pp - 1)  # the last stage is on the last pp rank
+        src = dist.get_global_rank(pp_group, self._last_pp_rank)
         dist.broadcast(loss, src=src, group=pp_group)
-        return loss
+        if not want_logits:
+            return loss, None
+        meta = [(tuple(out.shape), out.dtype) if self._has_last else None]
+        dist.broadcast_object_list(meta, src=src, group=pp_group)
+        logits = out.detach().contiguous() if self._has_last else torch.empty(meta[0][0], dtype=meta[0][1],
+                                                                              device=self.root_device)
+        dist.broadcast(logits, src=src, group=pp_group)
+        return loss, logits
 
     def validation_step(self, *args, **kwargs):
         if self.dims.pp == 1:
             return super().validation_step(*args, **kwargs)
-        return self._eval_step(args[0], "val")
+        return self._eval_step(args, kwargs, "validation_step")
 
     def test_step(self, *args, **kwargs):
         if self.dims.pp == 1:
             return super().test_step(*args, **kwargs)
-        return self._eval_step(args[0], "test")
+        return self._eval_step(args, kwargs, "test_step")
 
-    def _eval_step(self, batch, prefix: str):
-        """Forward-only pipeline pass (the schedule's eval) logging ``{prefix}/loss`` as LMTask does."""
+    def _eval_step(self, args, kwargs, hook: str):
+        """A forward-only pipeline pass, then the task's own step on the logits it produced (its
+        model replaced by one that returns them): the task logs its usual loss and metrics."""
         with torch.no_grad(), self.precision_plugin.val_step_context():
-            loss = self._run_pipeline(batch, train=False)
-        self.lightning_module.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True,
-                                  batch_size=batch_size(batch))
-        return loss
+            _, logits = self._run_pipeline(args[0], train=False, want_logits=True)
+            task = self.lightning_module
+            real = getattr(task, self.model_attr)
+            setattr(task, self.model_attr, _Replay(logits))
+            try:
+                return getattr(task, hook)(*args, **kwargs)
+            finally:
+                setattr(task, self.model_attr, real)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         if self.dims.pp == 1:
+            if self._overlap is not None and not self.lightning_module.trainer.fit_loop.epoch_loop._should_accumulate():
+                self._overlap.arm()          # this backward ends the step: start buckets as they fill
             out = super().backward(closure_loss, optimizer, *args, **kwargs)
         else:
             self.pre_backward(closure_loss)
@@ -313,7 +369,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
                     p.grad = g.redistribute(placements=[Replicate() if pl.is_partial() else pl
                                                         for pl in g.placements])
-        if self.dims.dp > 1 and self.dp_mode == "allreduce":
+        if self._overlap is not None:
+            self._overlap.finish()
+            # buckets were counted as they started, during backward
+            self.comm_bytes += self._overlap.bytes_sent - self._overlap_counted[0]
+            self.comm_calls += self._overlap.calls - self._overlap_counted[1]
+            self._overlap_counted = (self._overlap.bytes_sent, self._overlap.calls)
+        elif self.dims.dp > 1 and self.dp_mode == "allreduce":
             self.sync_gradients()
 
     # ---------------------------------------------------------------- data parallel
@@ -337,7 +399,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
-    def _hierarchical_all_reduce(self, flat: torch.Tensor) -> None:
+    def _hier_obj(self):
+        """The hierarchical all-reduce over this rank's dp group (made on first use; collective)."""
         if self._hier is None:
             from dsframe.parallel.comm import HierarchicalAllReduce
 
@@ -345,7 +408,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
             mesh = self.device_mesh.mesh  # global ranks, [pp, dp, tp]
             dp_groups = [mesh[i, :, j].tolist() for i in range(self.dims.pp) for j in range(self.dims.tp)]
             self._hier = HierarchicalAllReduce(dp_groups, per)
-        before = self._hier.bytes_sent
+        return self._hier
+
+    def _hierarchical_all_reduce(self, flat: torch.Tensor) -> None:
+        before = self._hier_obj().bytes_sent
         self._hier(flat)
         self.comm_bytes += self._hier.bytes_sent - before
         self.comm_calls += 1
@@ -379,6 +445,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
         return norm
+
+    def on_train_end(self) -> None:
+        """Ranks started by torchrun/SLURM end fit holding the *whole* trained model (plain tensors)
+        in ``task.<model_attr>`` — the very object the caller passed in — as the forked ranks' parent
+        does: the runner's test stage and model.pt see the trained model on every node."""
+        super().on_train_end()
+        if self._whole is not None:
+            full = self.full_state_dict()       # collective
+            self._whole.load_state_dict(full)
+            setattr(self.lightning_module, self.model_attr, self._whole)
 
     # ---------------------------------------------------------------- misc
     def reduce(self, tensor, group=None, reduce_op="mean"):
@@ -420,15 +496,17 @@ def _base_plugin_loss():
         return None
 
 
-def _merge_stages(full: nn.Module, parts: list[nn.Module]) -> nn.Module:
-    """One module holding this rank's stages under the whole model's parameter names (the stages'
-    submodules are shared, not copied) — for the optimizer and for checkpoints."""
-    if len(parts) == 1:
-        return parts[0]
-    merged = full.pipeline_stage([], first=False, last=False)
-    merged.blocks = nn.ModuleDict({k: b for part in parts for k, b in part.blocks.items()})
-    for name in ("wte", "wpe", "ln_f", "lm_head"):
-        for part in parts:
-            if getattr(part, name) is not None:
-                setattr(merged, name, getattr(part, name))
-    return merged
+def _overrides(task, name: str) -> bool:
+    from dsframe.task import Task
+    return isinstance(task, Task) and getattr(type(task), name) is not getattr(Task, name)
+
+
+class _Replay(nn.Module):
+    """Stands in for the model in a task's eval step: returns the logits the pipeline computed."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, *args, **kwargs):
+        return self.logits

@@ -1,4 +1,7 @@
-"""Parity harness: the same GPT training under a parallel layout and in one process.
+"""Parity harness: the same training under a parallel layout and in one process.
+
+The model is any registered dsframe model (``RunSpec.model["kind"]``, looked up in the
+``dsframe.models`` registry: GPT by default, the BERT classifier with ``task="classification"``).
 
 Used by tests/test_parallel_*.py and benchmarks/parallel.py. Both runs see the same global
 batches in the same order: the data module gives dp rank r rows ``[r·b, (r+1)·b)`` of each global
@@ -18,14 +21,17 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class _Rows(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    def __init__(self, x, y, mask=None):
+        self.x, self.y, self.mask = x, y, mask
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.y[i]}
+        row = {"input_ids": self.x[i], "labels": self.y[i]}
+        if self.mask is not None:
+            row["attention_mask"] = self.mask[i]
+        return row
 
 
 def token_data(n_rows: int, seq_len: int, vocab: int, seed: int = 0):
@@ -35,12 +41,23 @@ def token_data(n_rows: int, seq_len: int, vocab: int, seed: int = 0):
     return x, (x * 3 + 1) % vocab
 
 
+def class_data(n_rows: int, seq_len: int, vocab: int, num_labels: int, seed: int = 0):
+    """Random token sequences, right-padded to random lengths (attention mask), with a label that
+    depends on the tokens (sum of the first 3 tokens mod num_labels)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (n_rows, seq_len), generator=g)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (n_rows,), generator=g)
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    x = x * mask
+    return x, x[:, :3].sum(1) % num_labels, mask
+
+
 class ShardedLMData(pl.LightningDataModule):
     """Global batches of ``global_batch`` rows; a dp rank gets its contiguous slice of each."""
 
-    def __init__(self, x, y, global_batch: int):
+    def __init__(self, x, y, global_batch: int, mask=None):
         super().__init__()
-        self.x, self.y, self.global_batch = x, y, global_batch
+        self.x, self.y, self.global_batch, self.mask = x, y, global_batch, mask
 
     def train_dataloader(self):
         strategy = self.trainer.strategy
@@ -49,7 +66,8 @@ class ShardedLMData(pl.LightningDataModule):
         b = self.global_batch // n
         rows = [k * self.global_batch + r * b + i for k in range(len(self.x) // self.global_batch)
                 for i in range(b)]
-        return DataLoader(_Rows(self.x[rows], self.y[rows]), batch_size=b, shuffle=False)
+        mask = self.mask[rows] if self.mask is not None else None
+        return DataLoader(_Rows(self.x[rows], self.y[rows], mask), batch_size=b, shuffle=False)
 
 
 class Recorder(pl.Callback):
@@ -83,10 +101,13 @@ class RunSpec:
     global_batch: int = 8
     accumulate: int = 1
     seq_len: int = 16
-    model: dict = field(default_factory=lambda: dict(vocab_size=64, block_size=16, n_layer=4, n_head=4,
-                                                     n_embd=32, dropout=0.0))
+    model: dict = field(default_factory=lambda: dict(kind="gpt", vocab_size=64, block_size=16, n_layer=4,
+                                                     n_head=4, n_embd=32, dropout=0.0))
+    task: str = "lm"                  # lm (next-token data) | classification (padded sequences, labels)
+    vocab: int = 64                   # token ids of the generated data are < vocab
     lr: float = 0.1
     optimizer: str = "sgd"            # sgd (momentum 0.9) or adamw (the task's own)
+    weight_decay: float = 0.0         # AdamW's (the task's parameter groups)
     seed: int = 0
     n_batches: int = 0                # global batches in the data set; 0: steps × accumulate
     timeout_s: int = 60
@@ -96,28 +117,35 @@ class RunSpec:
     precision: str = "32-true"
 
 
+def build_model(spec: RunSpec):
+    from dsframe import registry
+
+    cfg = dict(spec.model)
+    cls = registry.models.get(cfg.get("kind", "gpt"))
+    return cls.build(cls.Config(**cfg))
+
+
 def build_task(spec: RunSpec):
-    from dsframe.models.gpt import GPT, GPTConfig
-    from dsframe.task import LMTask, OptimConfig
+    from dsframe.task import TASKS, OptimConfig
 
     torch.manual_seed(spec.seed)
-    model = GPT.build(GPTConfig(**spec.model))
-    cls = _sgd_task_class() if spec.optimizer == "sgd" else LMTask
-    return cls(model, optim=OptimConfig(lr=spec.lr, weight_decay=0.0, warmup_ratio=0.0))
+    model = build_model(spec)
+    base = TASKS[spec.task]
+    cls = _sgd_task_class(base) if spec.optimizer == "sgd" else base
+    kw = {"num_classes": model.classifier.out_features} if spec.task == "classification" else {}
+    return cls(model, optim=OptimConfig(lr=spec.lr, weight_decay=spec.weight_decay, warmup_ratio=0.0), **kw)
 
 
-def _sgd_task_class():
-    from dsframe.task import LMTask
-
-    class SGDLMTask(LMTask):
-        """LMTask with SGD + momentum: parity runs compare gradients, and Adam's per-element
+def _sgd_task_class(base):
+    class SGDTask(base):
+        """The task with SGD + momentum: parity runs compare gradients, and Adam's per-element
         normalisation would blow float round-off in gradients that are zero in exact arithmetic
         (e.g. attention key biases: softmax ignores a shift of all scores) up to lr-sized steps."""
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.model.parameters(), lr=self.optim.lr, momentum=0.9)
 
-    return SGDLMTask
+    return SGDTask
 
 
 def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
@@ -128,15 +156,23 @@ def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
     torch.set_num_threads(1)
     task = build_task(spec)
     n_rows = spec.global_batch * (spec.n_batches or spec.steps * spec.accumulate)
-    x, y = token_data(n_rows, spec.seq_len, spec.model["vocab_size"], seed=spec.seed + 1)
-    data = ShardedLMData(x, y, spec.global_batch)
+    if spec.task == "classification":
+        x, y, mask = class_data(n_rows, spec.seq_len, spec.vocab, task.model.classifier.out_features,
+                                seed=spec.seed + 1)
+    else:
+        (x, y), mask = token_data(n_rows, spec.seq_len, spec.vocab, seed=spec.seed + 1), None
+    data = ShardedLMData(x, y, spec.global_batch, mask)
     if spec.layout:
         lay = dict(spec.layout)
         world = lay.get("dp", 1) * lay.get("tp", 1) * lay.get("pp", 1)
         strategy = HybridParallelStrategy(timeout=timedelta(seconds=spec.timeout_s), **lay)
-        devices = world
+        devices, dp = world, lay.get("dp", 1)
     else:
-        strategy, devices = "auto", 1
+        strategy, devices, dp = "auto", 1, 1
+    # the task's LR schedule runs on samples over total_samples, which it reads from the loader's
+    # batch size when training starts; this harness's plain DataLoader is not loaded yet then (it
+    # would read batch 1), so fix the total here, counted as the task counts (per-rank batch × world)
+    task.total_samples = spec.steps * spec.accumulate * (spec.global_batch // dp) * devices
     callbacks = [*(callbacks or []), Recorder(out)] + ([_SaveAtEnd(spec.ckpt_dir)] if spec.ckpt_dir else [])
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=spec.steps,
                          accumulate_grad_batches=spec.accumulate, use_distributed_sampler=False,
