@@ -52,7 +52,7 @@ class SchedulerConfig:
     max_workers: int = 1             # 1 = never add any
     lr_rule: str = "sqrt"            # LR rescaling when the global batch changes: none|linear|sqrt|adascale
     lam: float = 0.0                 # λ: value of time in J = worker·s + λ·s
-    reward_form: str = "rate"        # rate (progress per cost) | cost (negated cost per progress)
+    reward_form: Optional[str] = None  # rate | cost; null: the policy file's form, else rate
     alpha: float = 0.1
     gamma: float = 0.9
     eps_start: float = 0.3
@@ -90,7 +90,7 @@ class SchedulerConfig:
             raise ConfigError(key + "precisions", list(self.precisions), f"a non-empty list of {', '.join(PRECISIONS)}")
         if self.lr_rule not in LR_RULES:
             raise ConfigError(key + "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
-        if self.reward_form not in REWARD_FORMS:
+        if self.reward_form is not None and self.reward_form not in REWARD_FORMS:
             raise ConfigError(key + "reward_form", self.reward_form, f"one of {', '.join(REWARD_FORMS)}")
         if self.lam < 0:
             raise ConfigError(key + "lam", self.lam, "a number >= 0")
@@ -124,6 +124,7 @@ class SchedulerPlugin(Plugin):
     def __init__(self, config: SchedulerConfig, context=None):
         super().__init__(config, context)
         self.bins = StateBins.from_dict(dict(config.bins))
+        self.reward_form = config.reward_form or "rate"
         self.learner = self._make_learner()
         self.base_batch = 0               # global batch the LR was tuned at (the first segment's)
         self.last_decision_step = 0
@@ -145,14 +146,23 @@ class SchedulerPlugin(Plugin):
         if c.policy:
             learner = QLearner.load(c.policy, bins=self.bins)
             learner.hyper.alpha, learner.hyper.gamma = c.alpha, c.gamma
+            trained = learner.reward_form
+            if trained is not None and c.reward_form is not None and c.reward_form != trained:
+                # Q-values of the two forms differ in sign and scale: learning on would mix them
+                raise ConfigError("plugins.scheduler.reward_form", c.reward_form,
+                                  f"{trained} (the form policy file {c.policy} was trained with), or null")
+            self.reward_form = trained or self.reward_form
+            learner.reward_form = self.reward_form
             return learner
         learner = QLearner(n_states(self.bins), alpha=c.alpha, gamma=c.gamma, eps_start=c.eps_start,
                            eps_end=c.eps_end, eps_decay_decisions=c.eps_decay_decisions, seed=c.seed,
                            hysteresis=c.hysteresis, bins=self.bins)
+        learner.reward_form = self.reward_form
         if c.warm_start:
-            # rewards are near 1 at the start setting, so values near 1/(1-γ)
+            # rewards are near ±1 at the start setting, so values near ±1/(1-γ)
+            sign = 1.0 if self.reward_form == "rate" else -1.0
             learner.warm_start(conservative_heuristic(self.bins, c.utilisation_threshold), value=0.5,
-                               base=1.0 / (1.0 - c.gamma))
+                               base=sign / (1.0 - c.gamma))
         return learner
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -173,14 +183,14 @@ class SchedulerPlugin(Plugin):
         self.last_decision_step = max(self.last_decision_step, trainer.global_step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.is_global_zero and self._noise is not None:
+        if trainer.is_global_zero and self._noise is not None and not getattr(pl_module, "dropping_step", False):
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             self._noise.update(grads, self._setting(trainer).global_batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):  # a dropped batch (out of memory): no step was taken
-            return
+        if not isinstance(loss, torch.Tensor) or (isinstance(outputs, dict) and outputs.get("dropped")):
+            return                              # a dropped batch (out of memory): no update was made
         step, loss = trainer.global_step, float(loss.detach())
         if trainer.is_global_zero:  # the batch as trained (a resize applies from the next one)
             s, b = self._setting(trainer), batch_size(batch)
@@ -259,7 +269,7 @@ class SchedulerPlugin(Plugin):
                 self.scale = progress / (seconds * (old.workers + c.lam))
             r = reward(progress, old.workers * seconds, seconds, c.lam, restart_seconds=self.restart_s,
                        oom=self._oom, diverged=not math.isfinite(loss), restart_workers=old.workers,
-                       scale=self.scale or 1.0, penalty=c.oom_penalty, form=c.reward_form)
+                       scale=self.scale or 1.0, penalty=c.oom_penalty, form=self.reward_form)
             if c.learn:
                 td = self.learner.update(p["state"], p["action"], r, state, allowed)
         if trainer.global_step - self.last_change_step < c.min_steps_between:
