@@ -16,7 +16,8 @@ benchmarks/results/scheduler_profile when it exists). For each workload and λ i
 * ``q_learning`` — tabular Q-learning (α=0.1, ε 0.3→0.05, γ=``--gamma``, default 0.97: see the
   option) whose state includes the goodput advisor's next move, warm-started by imitating it
   (``--warm-start advice``, ``--imitation``: the first fraction of episodes behaves like the
-  advisor while the table learns off-policy), trained in the simulator, one table per training
+  advisor while the table learns off-policy), up to ``--max-moves`` actions chained at one
+  decision with one restart (default 3), trained in the simulator, one table per training
   seed, each evaluated greedily on fresh seeds never used in training: mean ± std over the
   ``--seeds`` tables;
 * ``oracle`` — dynamic programming over all settings with the run's conditions known.
@@ -197,6 +198,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--imitation", type=float, default=0.3,
                     help="fraction of training episodes that follow the advisor (off-policy learning)")
     ap.add_argument("--no-advice", action="store_true", help="leave the advisor's move out of the state")
+    ap.add_argument("--max-moves", type=int, default=3,
+                    help="actions the Q-agent may chain at one decision (one restart for all of them)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes over (workload, λ) pairs")
     ap.add_argument("--quick", action="store_true", help="tiny run (tests): 2 seeds, 20 episodes, 20 decisions")
     args = ap.parse_args(argv)
@@ -222,13 +225,14 @@ def main(argv=None) -> dict:
                            "q_learning": {"alpha": 0.1, "gamma": args.gamma, "eps_start": 0.3, "eps_end": 0.05,
                                           "hysteresis": args.hysteresis, "reward_form": "cost",
                                           "exploring_starts": 0.5, "warm_start": args.warm_start,
-                                          "imitation": args.imitation, "advice_in_state": bins.advice}},
+                                          "imitation": args.imitation, "advice_in_state": bins.advice,
+                                          "max_moves": args.max_moves}},
               "article_claim_cost_reduction": ARTICLE_CLAIM, "workloads": {}}
     saved_policy = None
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     q_kw = {"gamma": args.gamma, "hysteresis": args.hysteresis, "warm_start": args.warm_start,
-            "imitation": args.imitation}
+            "imitation": args.imitation, "max_moves": args.max_moves}
     policy_workload = next((w.name for w in workloads if w.name == DEFAULT_PROFILE.name), workloads[0].name)
     pairs = [(w, lam) for w in workloads for lam in args.lams]
     t0 = time.time()
@@ -262,7 +266,8 @@ def main(argv=None) -> dict:
                     tables[best].q.save(ppath, meta={"workload": w.name, "lambda": lam, "trace": str(w.trace.folder),
                                                       "limits": dataclasses.asdict(w.limits),
                                                       "episodes": args.episodes, "training_seed": best,
-                                                      "reward_form": tables[best].form})
+                                                      "reward_form": tables[best].form,
+                                                      "max_moves": args.max_moves})
                     saved_policy = {"path": str(ppath), "workload": w.name, "lambda": lam}
             result["workloads"][w.name] = wres
     result["policy_file"] = saved_policy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsframe.errors import DsframeError
-from dsframe_scheduler.agent import QLearner, Setting, Signals, StateBins, n_states
+from dsframe_scheduler.agent import QLearner, Setting, Signals, StateBins, n_states, next_setting
 from dsframe_scheduler.policies import (
     GoodputAdvisor, GoodputRule, Oracle, QPolicy, Static, ThresholdRule, best_static, expected_cost,
     run_episode, train_q,
@@ -172,6 +172,32 @@ def test_goodput_advisor_moves_one_action_towards_the_rules_target(tmp_path):
     q.advisor.smoothing = 0.0
     from dsframe_scheduler.agent import decode_state
     assert decode_state(q._state(sig, sim2), q.bins).advice == a
+
+
+def test_q_policy_chains_moves_at_one_decision_with_one_restart(tmp_path):
+    w = Workload(read_trace(write_trace(tmp_path / "toy")), WorkloadSpec(decisions=10, max_workers=4,
+                 static_workers=1, restart_seconds=1.0), holdout_every=0)
+    bins = StateBins()
+    from dsframe_scheduler.agent import follow_advice
+    learner = QLearner(n_states(bins), bins=bins)
+    learner.warm_start(follow_advice(bins), value=0.5, base=-10.0)     # greedy = the advisor's move
+    sig = Signals(0.5, 0.5, 0.0, 1e6)
+    for moves, expected in ((1, Setting(32, "32-true", 1)), (3, Setting(128, "32-true", 1)),
+                            (5, Setting(128, "32-true", 4))):
+        sim = ClusterSim(w, noise=False, start=Setting(16, "32-true", 1))
+        pol = QPolicy(learner, bins, max_moves=moves)
+        pol.reset(sim, 1.0)
+        pol.advisor.smoothing = 0.0
+        a = pol.act(sig, sim)
+        got = next_setting(sim.setting, a, w.limits) if not isinstance(a, Setting) else a
+        assert got == expected, moves
+        r = sim.step(a)
+        assert r.restart_seconds == (1.0 if expected.workers != 1 else 0.0)    # one restart for two worker moves
+    # learning across chained moves: zero reward, no discount (no time passes)
+    q = QLearner(4, gamma=0.5, alpha=1.0)
+    q.q[1] = [-3.0, -2.0, -9, -9, -9, -9, -9]
+    assert q.update(0, 1, 0.0, 1, discount=1.0) == -2.0 and q.q[0, 1] == -2.0
+    assert q.update(2, 1, 0.0, 1) == -1.0                                      # γ = 0.5 otherwise
 
 
 def test_calibration_error_is_computed_right(tmp_path):

@@ -427,14 +427,17 @@ class QLearner:
         return self.greedy(state, mask)
 
     def update(self, s: int, a: int, reward: float, s_next: Optional[int],
-               allowed_next: Optional[Sequence[bool]] = None, done: bool = False) -> float:
+               allowed_next: Optional[Sequence[bool]] = None, done: bool = False,
+               discount: Optional[float] = None) -> float:
         """Q(s,a) += α·(r + γ·max_{a' allowed} Q(s',a') − Q(s,a)); returns the TD error.
-        ``done`` (or ``s_next=None``) ends the episode: the target is r alone."""
+        ``done`` (or ``s_next=None``) ends the episode: the target is r alone. ``discount``
+        replaces γ for this transition (1 for a move that takes no time, as in a semi-MDP)."""
         if done or s_next is None:
             target = float(reward)
         else:
             mask = self._mask(allowed_next)
-            target = float(reward) + self.hyper.gamma * float(self.q[s_next][mask].max())
+            g = self.hyper.gamma if discount is None else float(discount)
+            target = float(reward) + g * float(self.q[s_next][mask].max())
         td = target - self.q[s, a]
         self.q[s, a] += self.hyper.alpha * td
         self.visits[s, a] += 1

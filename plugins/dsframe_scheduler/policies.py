@@ -184,8 +184,8 @@ class GoodputAdvisor:
             return w.step_time(s) / gain * (s.workers + self.lam)
         return float((self.costs(w) if costs is None else costs)[i])
 
-    def target(self, sim: ClusterSim) -> Setting:
-        w, cur = sim.w, sim.setting
+    def target(self, sim: ClusterSim, setting: Optional[Setting] = None) -> Setting:
+        w, cur = sim.w, setting or sim.setting
         costs = self.costs(w)
         best = self.candidates[int(np.argmin(costs))]
         now, new = self.cost_of(w, cur, costs), float(costs.min())
@@ -195,9 +195,11 @@ class GoodputAdvisor:
         restart = w.spec.restart_seconds * (best.workers + self.lam) if w.needs_restart(cur, best) else 0.0
         return cur if (now - new) * remaining <= restart else best
 
-    def advice(self, sim: ClusterSim, allowed) -> int:
-        """The allowed action that moves towards :meth:`target` with the least predicted cost."""
-        cur, goal = sim.setting, self.target(sim)
+    def advice(self, sim: ClusterSim, allowed, setting: Optional[Setting] = None) -> int:
+        """The allowed action that moves towards :meth:`target` with the least predicted cost
+        (from ``setting``, default the job's current one)."""
+        cur = setting or sim.setting
+        goal = self.target(sim, cur)
         if goal == cur:
             return 0
         w, costs = sim.w, self.costs(sim.w)
@@ -234,14 +236,23 @@ class GoodputRule(Policy):
 
 # ----------------------------------------------------------------------------- Q-learning
 class QPolicy(Policy):
+    """The Q-table driving a simulated job. With ``max_moves > 1`` the agent may chain up to that
+    many actions at one decision (the same reading, the setting updated after each move) and the
+    job restarts once for all of them, as the goodput rule's single jump does; the chained moves
+    take no time, so they are not discounted (a semi-MDP step of zero duration) and earn no
+    reward of their own — the chunk trained afterwards rewards the last one."""
     name = "q_learning"
 
     def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0,
-                 reward_form: str = "cost", cooldown: int = 0, advisor: Optional[GoodputAdvisor] = None):
+                 reward_form: str = "cost", cooldown: int = 0, advisor: Optional[GoodputAdvisor] = None,
+                 max_moves: int = 1):
         self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
         self.cooldown = int(cooldown)       # decisions kept after a restart (min steps between changes)
         self.advisor = advisor if advisor is not None else (GoodputAdvisor() if bins.advice else None)
         self.imitate = False                # training: behave like the advisor (ε-greedy around it)
+        if int(max_moves) < 1:
+            raise ConfigError("max_moves", max_moves, "an integer >= 1")
+        self.max_moves = int(max_moves)
 
     def reset(self, sim, lam):
         self.lam, self.prev, self._next = lam, None, None
@@ -249,37 +260,54 @@ class QPolicy(Policy):
         if self.advisor is not None:
             self.advisor.reset(sim, lam)
 
-    def _state(self, signals, sim):
+    def _state(self, signals, sim, setting: Optional[Setting] = None, update: bool = True):
+        setting = setting or sim.setting
         if self.advisor is not None:        # the reading's advice: what the goodput model would do next
-            self.advisor.update(signals.noise_scale)
-            signals.advice = self.advisor.advice(sim, self._allowed(sim))
+            if update:
+                self.advisor.update(signals.noise_scale)
+            signals = Signals(signals.utilisation, signals.free_memory, signals.comm_latency_ms,
+                              signals.noise_scale, self.advisor.advice(sim, self._allowed(sim, setting), setting))
         self._advice = signals.advice
-        return encode_state(signals, sim.setting, self.bins, sim.w.limits)
+        return encode_state(signals, setting, self.bins, sim.w.limits)
 
-    def _allowed(self, sim):
-        s = sim.setting
+    def _allowed(self, sim, setting: Optional[Setting] = None):
+        s = setting or sim.setting
         key = (s.batch_size, s.precision, s.workers)
         if key not in self._masks:
             self._masks[key] = np.asarray(allowed_actions(s, sim.w.limits), dtype=bool)
         return self._masks[key]
+
+    def _pick(self, s, allowed) -> int:
+        if self.imitate:                                 # off-policy: the advisor's moves, ε around them
+            a = self.q.choose(s, allowed, explore=True)
+            return int(self._advice) if a == self.q.greedy(s, allowed) else a
+        return self.q.choose(s, allowed, explore=self.explore)
 
     def act(self, signals, sim):
         s = self._next if self._next is not None else self._state(signals, sim)
         self._next = None
         if self._wait > 0:
             self._wait -= 1
-            a = 0                                        # keep
-        elif self.imitate:                               # off-policy: the advisor's moves, ε around them
-            a = self.q.choose(s, self._allowed(sim), explore=True)
-            if a == self.q.greedy(s, self._allowed(sim)):
-                a = int(self._advice)
-        else:
-            a = self.q.choose(s, self._allowed(sim), explore=self.explore)
-        if a != 0 and self._wait == 0:
-            if ACTIONS[a] in ("precision_low", "precision_full", "workers_up", "workers_down"):
-                self._wait = self.cooldown
+            self.prev = (s, 0)
+            return 0                                     # keep
+        setting, limits = sim.setting, sim.w.limits
+        for move in range(self.max_moves):
+            allowed = self._allowed(sim, setting)
+            a = self._pick(s, allowed)
+            if a == 0 or move == self.max_moves - 1:
+                break
+            new = next_setting(setting, a, limits)
+            s_new = self._state(signals, sim, new, update=False)
+            if self.explore:                             # zero time, zero reward: no discount
+                self.q.update(s, a, 0.0, s_new, self._allowed(sim, new), discount=1.0)
+            setting, s = new, s_new
         self.prev = (s, a)
-        return a
+        setting = next_setting(setting, a, limits)
+        if sim.w.needs_restart(sim.setting, setting):
+            self._wait = self.cooldown
+        if setting == sim.setting:
+            return 0
+        return a if self.max_moves == 1 else setting
 
     def observe(self, r, signals_next, sim):
         if not self.explore:
@@ -304,7 +332,8 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
             bins: Optional[StateBins] = None, alpha: float = 0.1, gamma: float = 0.9,
             eps_start: float = 0.3, eps_end: float = 0.05, hysteresis: float = 0.0,
             reward_form: str = "cost", exploring_starts: float = 0.5, cooldown: int = 0,
-            warm_start: str = "threshold", imitation: float = 0.0, progress=None) -> QPolicy:
+            warm_start: str = "threshold", imitation: float = 0.0, max_moves: int = 1,
+            progress=None) -> QPolicy:
     """Q-learning in the simulator: warm start from a heuristic (``threshold``: the article's
     rule; ``advice``: follow the goodput advisor, with the state's advice component), ε decaying
     over the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
@@ -333,7 +362,7 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
     learner.warm_start(heuristic, value=0.5, base=base)
     learner.reward_form = reward_form
     policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam),
-                     reward_form=reward_form, cooldown=cooldown)
+                     reward_form=reward_form, cooldown=cooldown, max_moves=max_moves)
     n_imitation = int(round(imitation * episodes))
     rng = np.random.default_rng(seed)
     settings = workload.settings()
