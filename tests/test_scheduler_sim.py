@@ -200,6 +200,26 @@ def test_q_policy_chains_moves_at_one_decision_with_one_restart(tmp_path):
     assert q.update(2, 1, 0.0, 1) == -1.0                                      # γ = 0.5 otherwise
 
 
+def test_this_machines_profile_is_read_and_fitted():
+    folder = REPO / "benchmarks" / "results" / "scheduler_profile"
+    w = Workload(read_trace(folder))
+    assert w.worker_ladder == [1, 2] and w.static_default == Setting(8, "32-true", 1)
+    assert "bf16-mixed" in w.perf_by_precision                    # its own fit (3 batch sizes)
+    assert w.perf.kappa > 0                                       # 2 ranks on 2 cores contend
+    rows = list(csv.DictReader(open(folder / "placements.csv")))
+    cal = {(r["workers"], r["local_bsz"], r["precision"]): r for r in calibration_error(w)["per_setting"]}
+    assert len(cal) == len(rows) == 12
+    for r in rows:                                                # every measured row, as measured
+        c = cal[(int(r["placement"]), float(r["local_bsz"]), r["precision"])]
+        assert c["measured_s"] == pytest.approx(float(r["step_time"]), abs=1e-5)
+        assert c["abs_pct"] == pytest.approx(100 * abs(c["simulated_s"] / c["measured_s"] - 1), abs=0.05)
+    # as measured: at equal global batch, 2 forked ranks step slower than 1 process (2 threads)
+    measured = {(r["placement"], int(r["local_bsz"]), r["precision"]): float(r["step_time"]) for r in rows}
+    for b in (8, 16):
+        assert measured[("2", b, "32-true")] > measured[("1", 2 * b, "32-true")]
+        assert w.step_time(Setting(b, "32-true", 2)) > w.step_time(Setting(2 * b, "32-true", 1))
+
+
 def test_calibration_error_is_computed_right(tmp_path):
     # one row 10 % slower than the model: its error is 1/1.1 - 1 relative to the measurement
     folder = write_trace(tmp_path / "toy", perturb={("2", 64): 1.1})
