@@ -148,6 +148,21 @@ def test_policy_file_starts_the_agent(tmp_path):
     assert np.array_equal(plugin.learner.q, trained.q) and plugin.learner.epsilon == pytest.approx(0.05)
 
 
+def test_chained_moves_apply_at_one_decision(compose, tmp_path):
+    bins = StateBins()
+    trained = QLearner(n_states(bins), bins=bins)
+    trained.q[:, ACTIONS.index("batch_up")] = 3.0          # greedy: grow the batch while it can
+    trained.save(tmp_path / "policy.json")
+    stage = _stage(compose, tmp_path, f"plugins.scheduler.policy={tmp_path / 'policy.json'}",
+                   "plugins.scheduler.learn=false", "plugins.scheduler.max_batch=64", "plugins.scheduler.max_moves=2",
+                   "plugins.scheduler.every_n_steps=2", "plugins.scheduler.min_steps_between=100")
+    first = _csv(stage / "decisions.csv")[0]
+    assert (first["action"], first["batch_size"], first["new_batch_size"], first["applied"]) == \
+        ("batch_up+batch_up", "16", "64", "batch")
+    sizes = [int(r["batch_size"]) for r in _csv(stage / "scheduler_steps.csv")]
+    assert sizes[:2] == [16, 16] and sizes[2] == 64
+
+
 def test_policy_file_sets_the_reward_form_and_refuses_another(tmp_path):
     bins = StateBins()
     trained = QLearner(n_states(bins), bins=bins)

@@ -59,6 +59,7 @@ class SchedulerConfig:
     eps_end: float = 0.05
     eps_decay_decisions: int = 200
     hysteresis: float = 0.05         # another action replaces keep only if better by this fraction
+    max_moves: int = 1               # actions the agent may chain at one decision (one restart for all)
     warm_start: bool = True          # the article's conservative start: utilisation > threshold -> scale up
     utilisation_threshold: float = 0.7
     policy: Optional[str] = None     # a trained Q-table (JSON policy file) to start from
@@ -71,7 +72,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         key = "plugins.scheduler."
-        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions"):
+        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions", "max_moves"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(key + name, getattr(self, name), "an integer >= 1")
         if self.min_steps_between < 0:
@@ -282,29 +283,44 @@ class SchedulerPlugin(Plugin):
             action = self.learner.choose(state, allowed, explore=c.learn)
             how = "greedy" if action == greedy else "explore"
         new = next_setting(old, action, self.limits)
+        first_state, chain = state, [ACTIONS[action]]
+        if how in ("greedy", "explore"):
+            # chained moves (as the simulator trains them): same reading, the setting updated after
+            # each move; a move takes no time, so it is learned undiscounted and without reward
+            for _ in range(c.max_moves - 1):
+                if action == 0:
+                    break
+                nxt = encode_state(signals, new, self.bins, self.limits)
+                allowed_nxt = allowed_actions(new, self.limits)
+                if c.learn:
+                    self.learner.update(state, action, 0.0, nxt, allowed_nxt, discount=1.0)
+                state, action = nxt, self.learner.choose(nxt, allowed_nxt, explore=c.learn)
+                if action != 0:
+                    new = next_setting(new, action, self.limits)
+                    chain.append(ACTIONS[action])
         self.rows.append({
-            "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": state,
-            "state_view": "/".join(str(v) for v in decode_state(state, self.bins)), "action": ACTIONS[action],
+            "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": first_state,
+            "state_view": "/".join(str(v) for v in decode_state(first_state, self.bins)), "action": "+".join(chain),
             "how": how, "reward": "" if r is None else round(r, 5), "td_error": "" if td is None else round(td, 5),
             "epsilon": round(self.learner.epsilon, 4),
-            "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[state]) + "]",
+            "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[first_state]) + "]",
             "batch_size": old.batch_size, "precision": old.precision, "workers": old.workers,
             "new_batch_size": new.batch_size, "new_precision": new.precision, "new_workers": new.workers,
             "utilisation": round(signals.utilisation, 4), "free_memory": round(signals.free_memory, 4),
             "comm_latency_ms": round(signals.comm_latency_ms, 4), "noise_scale": round(signals.noise_scale, 2),
             "loss": round(loss, 5), "lr": _lr(trainer), "restart_s": round(self.restart_s, 3)})
-        metrics = {"scheduler/action": float(action), "scheduler/epsilon": self.learner.epsilon,
+        metrics = {"scheduler/action": float(ACTIONS.index(chain[0])), "scheduler/epsilon": self.learner.epsilon,
                    "scheduler/global_batch": float(new.global_batch), "scheduler/workers": float(new.workers),
                    "scheduler/low_precision": float(new.low_precision), "scheduler/state": float(state)}
         if r is not None:
             metrics["scheduler/reward"] = float(r)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        log.info("scheduler: step %d state %d %s -> %s (%s), reward %s", trainer.global_step, state,
-                 ACTIONS[action], new, how, r)
+        log.info("scheduler: step %d state %d %s -> %s (%s), reward %s", trainer.global_step, first_state,
+                 "+".join(chain), new, how, r)
         self.pending = {"state": state, "action": action, "t0": time.time(), "samples": samples}
         self.restart_s, self._oom = 0.0, False
-        return {"action": ACTIONS[action], "new": (new.batch_size, new.precision, new.workers)}
+        return {"action": "+".join(chain), "new": (new.batch_size, new.precision, new.workers)}
 
     # -- helpers ------------------------------------------------------------------------------
     def _setting(self, trainer) -> Setting:
