@@ -200,6 +200,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-advice", action="store_true", help="leave the advisor's move out of the state")
     ap.add_argument("--max-moves", type=int, default=3,
                     help="actions the Q-agent may chain at one decision (one restart for all of them)")
+    ap.add_argument("--cooldown", type=int, default=0,
+                    help="decisions the Q-agent keeps after a restart (against oscillating tables)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes over (workload, λ) pairs")
     ap.add_argument("--quick", action="store_true", help="tiny run (tests): 2 seeds, 20 episodes, 20 decisions")
     args = ap.parse_args(argv)
@@ -226,13 +228,13 @@ def main(argv=None) -> dict:
                                           "hysteresis": args.hysteresis, "reward_form": "cost",
                                           "exploring_starts": 0.5, "warm_start": args.warm_start,
                                           "imitation": args.imitation, "advice_in_state": bins.advice,
-                                          "max_moves": args.max_moves}},
+                                          "max_moves": args.max_moves, "cooldown": args.cooldown}},
               "article_claim_cost_reduction": ARTICLE_CLAIM, "workloads": {}}
     saved_policy = None
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     q_kw = {"gamma": args.gamma, "hysteresis": args.hysteresis, "warm_start": args.warm_start,
-            "imitation": args.imitation, "max_moves": args.max_moves}
+            "imitation": args.imitation, "max_moves": args.max_moves, "cooldown": args.cooldown}
     policy_workload = next((w.name for w in workloads if w.name == DEFAULT_PROFILE.name), workloads[0].name)
     pairs = [(w, lam) for w in workloads for lam in args.lams]
     t0 = time.time()
