@@ -13,15 +13,18 @@ benchmarks/results/scheduler_profile when it exists). For each workload and λ i
 * ``best_static`` — the single setting with the least expected cost (hindsight);
 * ``threshold`` — the article's rule (utilisation > 70 % → scale up, cooldown 3 decisions);
 * ``goodput`` — Pollux-style rule (goodput from the noise scale, ≥ 5 % gain, restart paid back);
-* ``q_learning`` — tabular Q-learning (α=0.1, ε 0.3→0.05, warm start from the threshold rule,
-  γ=``--gamma``, default 0.97: see the option) trained in the simulator, one table per
-  training seed, each evaluated greedily on fresh seeds never used in training: mean ± std
-  over the ``--seeds`` tables;
+* ``q_learning`` — tabular Q-learning (α=0.1, ε 0.3→0.05, γ=``--gamma``, default 0.97: see the
+  option) whose state includes the goodput advisor's next move, warm-started by imitating it
+  (``--warm-start advice``, ``--imitation``: the first fraction of episodes behaves like the
+  advisor while the table learns off-policy), up to ``--max-moves`` actions chained at one
+  decision with one restart (default 3), trained in the simulator, one table per training
+  seed, each evaluated greedily on fresh seeds never used in training: mean ± std over the
+  ``--seeds`` tables;
 * ``oracle`` — dynamic programming over all settings with the run's conditions known.
 
 Every policy is evaluated on the same evaluation seeds (common random numbers). Written: JSON
 (``--out``), a markdown table and a PNG beside it, and the trained Q-table of the first
-workload at λ=1 as a policy file (``--policy-out``, default ``<out stem>.policy.json``) that
+workload at λ=1 (this machine's profile when it is among the workloads) as a policy file (``--policy-out``, default ``<out stem>.policy.json``) that
 the online plugin loads with ``plugins.scheduler.policy=PATH``.
 """
 from __future__ import annotations
@@ -126,12 +129,28 @@ def markdown(result: dict) -> str:
                 f"{100 * r['cost_reduction_vs_static']['q_learning']:.0f} % | "
                 f"{100 * r['gap_to_oracle']['q_learning']:+.1f} % | "
                 f"{100 * r['gap_to_goodput_rule']['q_learning']:+.1f} % | {100 * r['q_vs_threshold']:.0f} % |")
-    lines += ["", "Calibration (simulated vs measured step time, fp32 rows held out of the fit):", "",
+    lines += ["", "Calibration (simulated vs measured step time, rows held out of the fit, every precision):", "",
               "| workload | held-out rows | median | mean | p90 | max |", "|---|---|---|---|---|---|"]
     for wname, wres in result["workloads"].items():
         h = wres["calibration_error"]["held_out"] or wres["calibration_error"]["all"]
         lines.append(f"| {wname} | {h['rows']} | {h['median_abs_pct']} % | {h['mean_abs_pct']} % | "
                      f"{h['p90_abs_pct']} % | {h['max_abs_pct']} % |")
+    lines += ["", "Calibration per precision (held-out rows / all rows, median):", "",
+              "| workload | precision | held-out median | all rows median | all rows max |", "|---|---|---|---|---|"]
+    for wname, wres in result["workloads"].items():
+        for p, c in wres["calibration_error"].get("by_precision", {}).items():
+            h = c["held_out"]
+            lines.append(f"| {wname} | {p} | {h['median_abs_pct'] if h else '–'} % | {c['all']['median_abs_pct']} % | "
+                         f"{c['all']['max_abs_pct']} % |")
+    for wname, wres in result["workloads"].items():
+        if wname != DEFAULT_PROFILE.name:
+            continue
+        lines += ["", f"Per setting ({wname}: {wres['describe']['folder']}):", "",
+                  "| workers | local batch | precision | measured s | simulated s | error | held out |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in wres["calibration_error"]["per_setting"]:
+            lines.append(f"| {r['workers']} | {r['local_bsz']:g} | {r['precision']} | {r['measured_s']} | "
+                         f"{r['simulated_s']} | {r['abs_pct']} % | {'yes' if r['held_out'] else ''} |")
     lines += ["", f"The article claims a 42 % lower training cost; 'Q vs static' is the same comparison "
               f"(the fixed configuration a user starts with)."]
     return "\n".join(lines) + "\n"
@@ -174,6 +193,15 @@ def main(argv=None) -> dict:
                     help="Q-learning discount per decision (the article's 0.9 looks only ~10 of the "
                          "job's 100 decisions ahead: too short to pay back a restart)")
     ap.add_argument("--hysteresis", type=float, default=0.02, help="relative margin over Q(keep) to act")
+    ap.add_argument("--warm-start", choices=("advice", "threshold"), default="advice",
+                    help="Q-table start: imitate the goodput advisor, or the article's threshold rule")
+    ap.add_argument("--imitation", type=float, default=0.3,
+                    help="fraction of training episodes that follow the advisor (off-policy learning)")
+    ap.add_argument("--no-advice", action="store_true", help="leave the advisor's move out of the state")
+    ap.add_argument("--max-moves", type=int, default=3,
+                    help="actions the Q-agent may chain at one decision (one restart for all of them)")
+    ap.add_argument("--cooldown", type=int, default=0,
+                    help="decisions the Q-agent keeps after a restart (against oscillating tables)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes over (workload, λ) pairs")
     ap.add_argument("--quick", action="store_true", help="tiny run (tests): 2 seeds, 20 episodes, 20 decisions")
     args = ap.parse_args(argv)
@@ -189,19 +217,25 @@ def main(argv=None) -> dict:
         if args.quick:
             spec = dataclasses.replace(spec, decisions=min(spec.decisions, 20))
         workloads.append(Workload(tr, spec))
-    bins = StateBins()
+    bins = StateBins(advice=not args.no_advice)
+    if args.no_advice:
+        args.warm_start, args.imitation = "threshold", 0.0
     out = Path(args.out)
     result = {"machine": machine_info(),
               "settings": {"seeds": args.seeds, "episodes": args.episodes, "lams": args.lams,
                            "quick": args.quick, "bins": bins.to_dict(), "eval_seed0": EVAL_SEED0,
                            "q_learning": {"alpha": 0.1, "gamma": args.gamma, "eps_start": 0.3, "eps_end": 0.05,
                                           "hysteresis": args.hysteresis, "reward_form": "cost",
-                                          "exploring_starts": 0.5, "warm_start": "threshold heuristic"}},
+                                          "exploring_starts": 0.5, "warm_start": args.warm_start,
+                                          "imitation": args.imitation, "advice_in_state": bins.advice,
+                                          "max_moves": args.max_moves, "cooldown": args.cooldown}},
               "article_claim_cost_reduction": ARTICLE_CLAIM, "workloads": {}}
     saved_policy = None
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    q_kw = {"gamma": args.gamma, "hysteresis": args.hysteresis}
+    q_kw = {"gamma": args.gamma, "hysteresis": args.hysteresis, "warm_start": args.warm_start,
+            "imitation": args.imitation, "max_moves": args.max_moves, "cooldown": args.cooldown}
+    policy_workload = next((w.name for w in workloads if w.name == DEFAULT_PROFILE.name), workloads[0].name)
     pairs = [(w, lam) for w in workloads for lam in args.lams]
     t0 = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -228,12 +262,14 @@ def main(argv=None) -> dict:
             for lam in args.lams:
                 r, tables = results[(w.name, lam)]
                 wres["lambda"][f"{lam:g}"] = r
-                if saved_policy is None and (lam == 1.0 or lam == args.lams[-1]):
+                if saved_policy is None and w.name == policy_workload and (lam == 1.0 or lam == args.lams[-1]):
                     best = int(np.argmin(r["policies"]["q_learning"]["per_table_cost"]))
                     ppath = Path(args.policy_out) if args.policy_out else out.with_suffix(".policy.json")
                     tables[best].q.save(ppath, meta={"workload": w.name, "lambda": lam, "trace": str(w.trace.folder),
                                                       "limits": dataclasses.asdict(w.limits),
-                                                      "episodes": args.episodes, "training_seed": best})
+                                                      "episodes": args.episodes, "training_seed": best,
+                                                      "reward_form": tables[best].form,
+                                                      "max_moves": args.max_moves})
                     saved_policy = {"path": str(ppath), "workload": w.name, "lambda": lam}
             result["workloads"][w.name] = wres
     result["policy_file"] = saved_policy

@@ -18,6 +18,7 @@ from dsframe.batch import accepted_inputs, batch_size, model_inputs
 from dsframe.data import sync_epoch_length, train_batch_sampler
 from dsframe.errors import ConfigError
 from dsframe.optim import OptimConfig  # noqa: F401  (re-exported: dsframe.task.OptimConfig)
+from dsframe.plugin import Plugin
 
 
 class Task(pl.LightningModule):
@@ -36,6 +37,7 @@ class Task(pl.LightningModule):
         self.optim = optim or OptimConfig()
         self._inputs = accepted_inputs(model)
         self.samples_seen = 0
+        self.dropping_step = False     # this step ran out of memory on some rank: no update
         self.total_samples = 0
         self.lr_scale = 1.0
         self._restored_global_batch = 0
@@ -87,6 +89,7 @@ class Task(pl.LightningModule):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        oom = None
         try:
             logits = self(batch)
             loss = self.compute_loss(logits, batch)
@@ -95,11 +98,22 @@ class Task(pl.LightningModule):
                 if new is not None:
                     loss = new
         except Exception as exc:  # out of memory: a plugin may back off (smaller batch) and go on
-            if not is_out_of_memory(exc) or not any([p.on_oom(self.trainer, self, batch) for p in self.plugins]):
+            if not is_out_of_memory(exc):
                 raise
-            # Lightning skips the optimizer step of this batch; its samples are not counted.
-            # (One process only: under DDP the other ranks would wait in the gradient all-reduce.)
-            return None
+            oom = exc
+        if self._any_rank_out_of_memory(oom is not None):
+            if not any([p.on_oom(self.trainer, self, batch) for p in self.plugins]):
+                raise oom if oom is not None else RuntimeError("another rank ran out of memory")
+            # the batch is dropped and its samples are not counted. One process: Lightning
+            # skips the step. Several: Lightning refuses a skipped step, so every rank
+            # back-propagates an exact zero through every trainable parameter (the gradient
+            # all-reduce stays in step) and on_before_optimizer_step drops the gradients: the
+            # optimizer changes nothing.
+            if self.trainer.world_size <= 1:
+                return None
+            self.dropping_step = True
+            zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+            return {"loss": zero, "dropped": True}
         self.samples_seen += batch_size(batch) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
@@ -107,6 +121,22 @@ class Task(pl.LightningModule):
 
     def on_train_logits(self, logits: torch.Tensor, batch: dict) -> None:
         pass
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.dropping_step:        # a dropped step (see training_step): no gradient, no update
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.dropping_step = False
+
+    def _any_rank_out_of_memory(self, mine: bool) -> bool:
+        """Whether any rank's step ran out of memory. Under several ranks, when a plugin can back
+        off, every rank asks every step (one small collective), so all skip the step and back off
+        alike instead of the others waiting in the gradient all-reduce."""
+        handles = any(type(p).on_oom is not Plugin.on_oom for p in self.plugins)
+        if not handles or self.trainer.world_size <= 1:
+            return mine
+        return bool(self.trainer.strategy.reduce_boolean_decision(mine, all=False))
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -7,7 +7,7 @@ import pytest
 from dsframe.errors import CheckpointError, ConfigError
 from dsframe_scheduler.agent import (
     ACTIONS, Limits, QLearner, Setting, Signals, StateBins, StateView, allowed_actions,
-    conservative_heuristic, decode_state, encode_state, n_states, next_setting, reward,
+    conservative_heuristic, decode_state, encode_state, follow_advice, n_states, next_setting, reward,
 )
 
 A = {name: i for i, name in enumerate(ACTIONS)}
@@ -99,7 +99,8 @@ def test_state_encoding_buckets_each_signal_and_round_trips():
     bins = StateBins(utilisation=(0.4, 0.7), free_memory=(0.1, 0.3), comm_latency_ms=(1.0, 10.0),
                      noise_ratio=(0.25, 1.0, 4.0), batch_buckets=4, worker_buckets=3)
     lim = Limits(min_batch=8, max_batch=512, max_workers=8)
-    assert n_states(bins) == 3 * 3 * 3 * 4 * 4 * 2 * 3
+    assert n_states(bins) == 3 * 3 * 3 * 4 * 4 * 2 * 3 * 7     # the last: the advisor's move (7 actions)
+    assert n_states(StateBins(advice=False)) * 7 == n_states(StateBins())
     # noise 1000 / global batch (64*2=128) = 7.8 -> last noise bucket;
     # batch 64 = log-position 0.5 of [8, 512] -> inner bucket 1 + int(0.5*2) = 2; workers 2 of [1, 8] -> 1
     s = encode_state(Signals(0.75, 0.2, 3.0, 1000.0), Setting(64, "bf16-mixed", 2), bins, lim)
@@ -109,6 +110,9 @@ def test_state_encoding_buckets_each_signal_and_round_trips():
     assert decode_state(s, bins) == StateView(1, 0, 0, 2, 0, 0, 2)     # unknown noise -> ratio 1
     s = encode_state(Signals(1.0, 1.0, 50.0, 1.0), Setting(512, "32-true", 1), bins, lim)
     assert decode_state(s, bins) == StateView(2, 2, 2, 0, 3, 0, 0)
+    s = encode_state(Signals(1.0, 1.0, 50.0, 1.0, advice=ACTIONS.index("workers_up")), Setting(512, "32-true", 1),
+                     bins, lim)
+    assert decode_state(s, bins) == StateView(2, 2, 2, 0, 3, 0, 0, ACTIONS.index("workers_up"))
     # every index is reachable and decodes back to itself
     for i in (0, 1, 777, n_states(bins) - 1):
         v = decode_state(i, bins)
@@ -146,6 +150,29 @@ def test_warm_start_follows_the_conservative_threshold_rule():
     # a base value shifts every entry; the heuristic's action stays ahead by `value`
     q.warm_start(conservative_heuristic(bins), value=0.5, base=-10.0)
     assert q.q[busy].max() == -9.5 and q.q[busy].min() == -10.0
+
+
+def test_warm_start_grows_the_batch_when_the_worker_count_is_fixed():
+    # min_workers == max_workers: no worker can be added, so high utilisation grows the batch
+    bins = StateBins()
+    q = QLearner(n_states(bins), bins=bins)
+    q.warm_start(conservative_heuristic(bins, threshold=0.7))
+    for workers in (1, 2):
+        lim = Limits(min_batch=8, max_batch=64, min_workers=workers, max_workers=workers)
+        s = Setting(8, "32-true", workers)
+        busy = encode_state(Signals(0.9, 0.5, 0.0, 100.0), s, bins, lim)
+        assert ACTIONS[q.greedy(busy, allowed_actions(s, lim))] == "batch_up"
+
+
+def test_imitation_warm_start_follows_the_advice_component():
+    bins = StateBins()
+    q = QLearner(n_states(bins), bins=bins)
+    q.warm_start(follow_advice(bins), value=0.5, base=-10.0)
+    lim = Limits(min_batch=8, max_batch=64, max_workers=4)
+    for name in ACTIONS:
+        s = encode_state(Signals(0.5, 0.5, 0.0, 100.0, advice=ACTIONS.index(name)), Setting(16, "32-true", 2), bins, lim)
+        assert ACTIONS[q.greedy(s)] == name
+    assert follow_advice(StateBins(advice=False))(decode_state(0, StateBins(advice=False))) == 0
 
 
 def test_reward_is_progress_per_cost_with_restart_and_penalties():

@@ -148,6 +148,39 @@ def test_policy_file_starts_the_agent(tmp_path):
     assert np.array_equal(plugin.learner.q, trained.q) and plugin.learner.epsilon == pytest.approx(0.05)
 
 
+def test_chained_moves_apply_at_one_decision(compose, tmp_path):
+    bins = StateBins()
+    trained = QLearner(n_states(bins), bins=bins)
+    trained.q[:, ACTIONS.index("batch_up")] = 3.0          # greedy: grow the batch while it can
+    trained.save(tmp_path / "policy.json")
+    stage = _stage(compose, tmp_path, f"plugins.scheduler.policy={tmp_path / 'policy.json'}",
+                   "plugins.scheduler.learn=false", "plugins.scheduler.max_batch=64", "plugins.scheduler.max_moves=2",
+                   "plugins.scheduler.every_n_steps=2", "plugins.scheduler.min_steps_between=100")
+    first = _csv(stage / "decisions.csv")[0]
+    assert (first["action"], first["batch_size"], first["new_batch_size"], first["applied"]) == \
+        ("batch_up+batch_up", "16", "64", "batch")
+    sizes = [int(r["batch_size"]) for r in _csv(stage / "scheduler_steps.csv")]
+    assert sizes[:2] == [16, 16] and sizes[2] == 64
+
+
+def test_policy_file_sets_the_reward_form_and_refuses_another(tmp_path):
+    bins = StateBins()
+    trained = QLearner(n_states(bins), bins=bins)
+    trained.reward_form = "cost"                 # what the benchmark trains with
+    trained.save(tmp_path / "policy.json")
+    assert json.loads((tmp_path / "policy.json").read_text())["reward_form"] == "cost"
+    assert _plugin(policy=str(tmp_path / "policy.json")).reward_form == "cost"            # default: the file's
+    assert _plugin(policy=str(tmp_path / "policy.json"), reward_form="cost").reward_form == "cost"
+    with pytest.raises(ConfigError, match=r"plugins.scheduler.reward_form='rate' is not allowed: cost \(the form "
+                                          r"policy file .*policy.json was trained with\), or null"):
+        _plugin(policy=str(tmp_path / "policy.json"), reward_form="rate")
+    assert _plugin().reward_form == "rate"                                              # no policy: rate
+    # a file without a recorded form (version 1) is taken as it is
+    trained.reward_form = None
+    trained.save(tmp_path / "old.json")
+    assert _plugin(policy=str(tmp_path / "old.json"), reward_form="cost").reward_form == "cost"
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_with_its_q_table_and_setting(tmp_path):
     args = [*TINY, "+recipe.stages.finetune.plugins=[scheduler]",
@@ -211,6 +244,41 @@ def test_out_of_memory_backs_the_batch_off_and_training_goes_on(compose, tmp_pat
     ckpt, _ = _scheduler_state(stage)
     # Lightning still steps the optimizer (no gradients: nothing changes) for the dropped batch
     assert ckpt["global_step"] == 12 and ckpt["dsframe_progress"]["samples_seen"] == 128 - 16
+
+
+class FakeOOMOnRankOne(Plugin):
+    """Raises an out-of-memory error on rank 1 only, at step 1 (once per run: a marker file)."""
+
+    name = "fakeoom_rank1"
+
+    def loss(self, task, batch, outputs, loss):
+        marker = self.context.stage_dir / "oom-raised"
+        if task.trainer.global_rank == 1 and task.trainer.global_step == 1 and not marker.exists():
+            marker.write_text("1")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return None
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_ddp_rank_backs_off_every_rank_alike(compose, tmp_path):
+    registry.plugins.register("fakeoom_rank1", FakeOOMOnRankOne)
+    registry.plugins.register("batchlog", BatchLog)
+    try:
+        stage = _stage(compose, tmp_path, "trainer.devices=2", "plugins.scheduler.min_workers=2",
+                       "plugins.scheduler.max_workers=2", "plugins.scheduler.every_n_steps=100",
+                       plugins="scheduler,fakeoom_rank1,batchlog")
+    finally:
+        registry.plugins._extra.pop("fakeoom_rank1", None)
+        registry.plugins._extra.pop("batchlog", None)
+    assert (stage / "oom-raised").exists()
+    (row,) = _csv(stage / "decisions.csv")
+    assert (row["action"], row["batch_size"], row["new_batch_size"], row["workers"]) == ("oom_backoff", "16", "8", "2")
+    ranks = [(stage / f"batches-{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # both ranks backed off at the same step
+    assert [line.split()[1] for line in ranks[0] if line] == ["16", "16"] + ["8"] * 4
+    ckpt, _ = _scheduler_state(stage)
+    # step 0 at 2x16, step 1 dropped on both ranks (32 samples), 64 samples left at 2x8: 4 steps
+    assert ckpt["global_step"] == 6 and ckpt["dsframe_progress"]["samples_seen"] == 128 - 32
 
 
 # -- config --------------------------------------------------------------------------------------

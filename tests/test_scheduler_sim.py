@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from dsframe.errors import DsframeError
-from dsframe_scheduler.agent import QLearner, Setting, Signals, StateBins, n_states
+from dsframe_scheduler.agent import QLearner, Setting, Signals, StateBins, n_states, next_setting
 from dsframe_scheduler.policies import (
-    GoodputRule, Oracle, Static, ThresholdRule, best_static, expected_cost, run_episode, train_q,
+    GoodputAdvisor, GoodputRule, Oracle, QPolicy, Static, ThresholdRule, best_static, expected_cost,
+    run_episode, train_q,
 )
 from dsframe_scheduler.simulator import (
     TRACES_DIR, ClusterSim, PerfModel, Workload, WorkloadSpec, bundled_traces, calibration_error,
@@ -116,6 +117,107 @@ def test_precision_rows_give_a_measured_speed_factor(tmp_path):
     assert w.worker_ladder == [1, 2] and w.limits.precisions == ("32-true", "bf16-mixed")
     assert w.static_default == Setting(8, "32-true", 2)        # 4 workers capped at the 2 measured
     assert w.step_time(Setting(16, "bf16-mixed", 1)) == pytest.approx(0.7 * float(TRUE.compute(16, 1)), rel=0.02)
+
+
+def test_reduced_precision_with_its_own_fixed_cost_gets_its_own_fit(tmp_path):
+    # CPU bf16 (measured on this machine): a larger fixed cost, a smaller per-sample cost than
+    # fp32. One speed factor cannot fit both ends; a fit of its own reproduces every row.
+    folder = tmp_path / "cpu_like"
+    write_trace(folder)
+    rows = (folder / "placements.csv").read_text().splitlines()
+    low = PerfModel(alpha_c=0.2, beta_c=0.0004, kappa=0.0, alpha_r=0.05, beta_r=0.01, alpha_n=0.2,
+                    beta_n=0.01, gamma=1.0)
+    extra = []
+    for p in ("1", "2"):
+        for b in (16, 32, 64, 128):
+            extra.append(f"{p},{b},{float(low.step(b, 1, int(p)))},{float(low.network(1, int(p)))},bf16-mixed")
+    (folder / "placements.csv").write_text("\n".join([rows[0] + ",precision"] + [r + ",32-true" for r in rows[1:]]
+                                                     + extra) + "\n")
+    w = Workload(read_trace(folder), holdout_every=3)
+    assert "bf16-mixed" in w.perf_by_precision
+    for b in (16, 128):
+        assert w.step_time(Setting(b, "bf16-mixed", 1)) == pytest.approx(float(low.step(b, 1, 1)), rel=1e-6)
+    cal = calibration_error(w)
+    assert cal["by_precision"]["bf16-mixed"]["all"]["max_abs_pct"] < 1e-3
+    assert cal["by_precision"]["bf16-mixed"]["held_out"]["rows"] == 3      # rows 1, 4, 7 of its 8: out of its fit
+    assert {r["precision"] for r in cal["per_setting"]} == {"32-true", "bf16-mixed"}
+    # the single speed factor it replaces misses the fixed cost by far at small batches
+    speed = w.precision["bf16-mixed"]["speed"]
+    assert abs(speed * float(TRUE.step(16, 1, 1)) / float(low.step(16, 1, 1)) - 1) > 0.3
+
+
+def test_goodput_advisor_moves_one_action_towards_the_rules_target(tmp_path):
+    w = Workload(read_trace(write_trace(tmp_path / "toy")), WorkloadSpec(decisions=10, max_workers=4,
+                 static_workers=1, restart_seconds=0.0), holdout_every=0)
+    sim = ClusterSim(w, noise=False, start=Setting(16, "32-true", 1))
+    adv = GoodputAdvisor(smoothing=0.0)
+    adv.reset(sim, 1.0)
+    adv.update(1e6)                                       # huge noise scale: big batches pay
+    goal = adv.target(sim)
+    assert goal == Setting(128, "32-true", 4)             # what the goodput rule jumps to
+    allowed = [True] * 7
+    a = adv.advice(sim, allowed)
+    from dsframe_scheduler.agent import ACTIONS, next_setting
+    assert ACTIONS[a] in ("batch_up", "workers_up")       # one rung towards it, the cheaper one
+    costs = {n: adv.cost_of(w, next_setting(sim.setting, n, w.limits)) for n in ("batch_up", "workers_up")}
+    assert costs[ACTIONS[a]] == min(costs.values())
+    sim.setting = goal
+    assert adv.advice(sim, allowed) == 0                  # at the target: keep
+    # the Q-policy's state carries the advice it was given
+    q = train_q(w, 1.0, episodes=2, seed=0, warm_start="advice", imitation=1.0)
+    assert isinstance(q, QPolicy) and q.q.reward_form == "cost"
+    sig = Signals(0.5, 0.5, 0.0, 1e6)
+    sim2 = ClusterSim(w, noise=False, start=Setting(16, "32-true", 1))
+    q.reset(sim2, 1.0)
+    q.advisor.smoothing = 0.0
+    from dsframe_scheduler.agent import decode_state
+    assert decode_state(q._state(sig, sim2), q.bins).advice == a
+
+
+def test_q_policy_chains_moves_at_one_decision_with_one_restart(tmp_path):
+    w = Workload(read_trace(write_trace(tmp_path / "toy")), WorkloadSpec(decisions=10, max_workers=4,
+                 static_workers=1, restart_seconds=1.0), holdout_every=0)
+    bins = StateBins()
+    from dsframe_scheduler.agent import follow_advice
+    learner = QLearner(n_states(bins), bins=bins)
+    learner.warm_start(follow_advice(bins), value=0.5, base=-10.0)     # greedy = the advisor's move
+    sig = Signals(0.5, 0.5, 0.0, 1e6)
+    for moves, expected in ((1, Setting(32, "32-true", 1)), (3, Setting(128, "32-true", 1)),
+                            (5, Setting(128, "32-true", 4))):
+        sim = ClusterSim(w, noise=False, start=Setting(16, "32-true", 1))
+        pol = QPolicy(learner, bins, max_moves=moves)
+        pol.reset(sim, 1.0)
+        pol.advisor.smoothing = 0.0
+        a = pol.act(sig, sim)
+        got = next_setting(sim.setting, a, w.limits) if not isinstance(a, Setting) else a
+        assert got == expected, moves
+        r = sim.step(a)
+        assert r.restart_seconds == (1.0 if expected.workers != 1 else 0.0)    # one restart for two worker moves
+    # learning across chained moves: zero reward, no discount (no time passes)
+    q = QLearner(4, gamma=0.5, alpha=1.0)
+    q.q[1] = [-3.0, -2.0, -9, -9, -9, -9, -9]
+    assert q.update(0, 1, 0.0, 1, discount=1.0) == -2.0 and q.q[0, 1] == -2.0
+    assert q.update(2, 1, 0.0, 1) == -1.0                                      # γ = 0.5 otherwise
+
+
+def test_this_machines_profile_is_read_and_fitted():
+    folder = REPO / "benchmarks" / "results" / "scheduler_profile"
+    w = Workload(read_trace(folder))
+    assert w.worker_ladder == [1, 2] and w.static_default == Setting(8, "32-true", 1)
+    assert "bf16-mixed" in w.perf_by_precision                    # its own fit (3 batch sizes)
+    assert w.perf.kappa > 0                                       # 2 ranks on 2 cores contend
+    rows = list(csv.DictReader(open(folder / "placements.csv")))
+    cal = {(r["workers"], r["local_bsz"], r["precision"]): r for r in calibration_error(w)["per_setting"]}
+    assert len(cal) == len(rows) == 12
+    for r in rows:                                                # every measured row, as measured
+        c = cal[(int(r["placement"]), float(r["local_bsz"]), r["precision"])]
+        assert c["measured_s"] == pytest.approx(float(r["step_time"]), abs=1e-5)
+        assert c["abs_pct"] == pytest.approx(100 * abs(c["simulated_s"] / c["measured_s"] - 1), abs=0.05)
+    # as measured: at equal global batch, 2 forked ranks step slower than 1 process (2 threads)
+    measured = {(r["placement"], int(r["local_bsz"]), r["precision"]): float(r["step_time"]) for r in rows}
+    for b in (8, 16):
+        assert measured[("2", b, "32-true")] > measured[("1", 2 * b, "32-true")]
+        assert w.step_time(Setting(b, "32-true", 2)) > w.step_time(Setting(2 * b, "32-true", 1))
 
 
 def test_calibration_error_is_computed_right(tmp_path):
@@ -227,10 +329,12 @@ def test_benchmark_quick_on_an_unseen_trace_folder(tmp_path):
         assert x["cost"]["q_learning"]["n"] == 2
         assert mean["oracle"] <= min(mean.values()) * 1.05     # noise can only nudge it
     assert r["calibration_error"]["held_out"]["rows"] > 0 and "cpu_model" in res["machine"]
-    assert out.with_suffix(".md").read_text().count("| unseen_model |") == 3     # 2 λ rows + calibration
+    # 2 λ rows + calibration + calibration of its one precision
+    assert out.with_suffix(".md").read_text().count("| unseen_model |") == 4
     assert out.with_suffix(".png").stat().st_size > 1000
     policy = QLearner.load(res["policy_file"]["path"], bins=StateBins())
     assert policy.meta["workload"] == "unseen_model"
+    assert policy.reward_form == res["settings"]["q_learning"]["reward_form"] == "cost"   # what it learned on
 
 
 def test_threshold_rule_scales_up_on_high_utilisation_then_cools_down(tmp_path):

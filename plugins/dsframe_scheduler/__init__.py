@@ -52,13 +52,14 @@ class SchedulerConfig:
     max_workers: int = 1             # 1 = never add any
     lr_rule: str = "sqrt"            # LR rescaling when the global batch changes: none|linear|sqrt|adascale
     lam: float = 0.0                 # λ: value of time in J = worker·s + λ·s
-    reward_form: str = "rate"        # rate (progress per cost) | cost (negated cost per progress)
+    reward_form: Optional[str] = None  # rate | cost; null: the policy file's form, else rate
     alpha: float = 0.1
     gamma: float = 0.9
     eps_start: float = 0.3
     eps_end: float = 0.05
     eps_decay_decisions: int = 200
     hysteresis: float = 0.05         # another action replaces keep only if better by this fraction
+    max_moves: int = 1               # actions the agent may chain at one decision (one restart for all)
     warm_start: bool = True          # the article's conservative start: utilisation > threshold -> scale up
     utilisation_threshold: float = 0.7
     policy: Optional[str] = None     # a trained Q-table (JSON policy file) to start from
@@ -71,7 +72,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         key = "plugins.scheduler."
-        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions"):
+        for name in ("every_n_steps", "min_batch", "min_workers", "eps_decay_decisions", "max_moves"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(key + name, getattr(self, name), "an integer >= 1")
         if self.min_steps_between < 0:
@@ -90,7 +91,7 @@ class SchedulerConfig:
             raise ConfigError(key + "precisions", list(self.precisions), f"a non-empty list of {', '.join(PRECISIONS)}")
         if self.lr_rule not in LR_RULES:
             raise ConfigError(key + "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
-        if self.reward_form not in REWARD_FORMS:
+        if self.reward_form is not None and self.reward_form not in REWARD_FORMS:
             raise ConfigError(key + "reward_form", self.reward_form, f"one of {', '.join(REWARD_FORMS)}")
         if self.lam < 0:
             raise ConfigError(key + "lam", self.lam, "a number >= 0")
@@ -124,6 +125,7 @@ class SchedulerPlugin(Plugin):
     def __init__(self, config: SchedulerConfig, context=None):
         super().__init__(config, context)
         self.bins = StateBins.from_dict(dict(config.bins))
+        self.reward_form = config.reward_form or "rate"
         self.learner = self._make_learner()
         self.base_batch = 0               # global batch the LR was tuned at (the first segment's)
         self.last_decision_step = 0
@@ -145,14 +147,23 @@ class SchedulerPlugin(Plugin):
         if c.policy:
             learner = QLearner.load(c.policy, bins=self.bins)
             learner.hyper.alpha, learner.hyper.gamma = c.alpha, c.gamma
+            trained = learner.reward_form
+            if trained is not None and c.reward_form is not None and c.reward_form != trained:
+                # Q-values of the two forms differ in sign and scale: learning on would mix them
+                raise ConfigError("plugins.scheduler.reward_form", c.reward_form,
+                                  f"{trained} (the form policy file {c.policy} was trained with), or null")
+            self.reward_form = trained or self.reward_form
+            learner.reward_form = self.reward_form
             return learner
         learner = QLearner(n_states(self.bins), alpha=c.alpha, gamma=c.gamma, eps_start=c.eps_start,
                            eps_end=c.eps_end, eps_decay_decisions=c.eps_decay_decisions, seed=c.seed,
                            hysteresis=c.hysteresis, bins=self.bins)
+        learner.reward_form = self.reward_form
         if c.warm_start:
-            # rewards are near 1 at the start setting, so values near 1/(1-γ)
+            # rewards are near ±1 at the start setting, so values near ±1/(1-γ)
+            sign = 1.0 if self.reward_form == "rate" else -1.0
             learner.warm_start(conservative_heuristic(self.bins, c.utilisation_threshold), value=0.5,
-                               base=1.0 / (1.0 - c.gamma))
+                               base=sign / (1.0 - c.gamma))
         return learner
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -173,14 +184,14 @@ class SchedulerPlugin(Plugin):
         self.last_decision_step = max(self.last_decision_step, trainer.global_step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.is_global_zero and self._noise is not None:
+        if trainer.is_global_zero and self._noise is not None and not getattr(pl_module, "dropping_step", False):
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             self._noise.update(grads, self._setting(trainer).global_batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):  # a dropped batch (out of memory): no step was taken
-            return
+        if not isinstance(loss, torch.Tensor) or (isinstance(outputs, dict) and outputs.get("dropped")):
+            return                              # a dropped batch (out of memory): no update was made
         step, loss = trainer.global_step, float(loss.detach())
         if trainer.is_global_zero:  # the batch as trained (a resize applies from the next one)
             s, b = self._setting(trainer), batch_size(batch)
@@ -259,7 +270,7 @@ class SchedulerPlugin(Plugin):
                 self.scale = progress / (seconds * (old.workers + c.lam))
             r = reward(progress, old.workers * seconds, seconds, c.lam, restart_seconds=self.restart_s,
                        oom=self._oom, diverged=not math.isfinite(loss), restart_workers=old.workers,
-                       scale=self.scale or 1.0, penalty=c.oom_penalty, form=c.reward_form)
+                       scale=self.scale or 1.0, penalty=c.oom_penalty, form=self.reward_form)
             if c.learn:
                 td = self.learner.update(p["state"], p["action"], r, state, allowed)
         if trainer.global_step - self.last_change_step < c.min_steps_between:
@@ -272,29 +283,44 @@ class SchedulerPlugin(Plugin):
             action = self.learner.choose(state, allowed, explore=c.learn)
             how = "greedy" if action == greedy else "explore"
         new = next_setting(old, action, self.limits)
+        first_state, chain = state, [ACTIONS[action]]
+        if how in ("greedy", "explore"):
+            # chained moves (as the simulator trains them): same reading, the setting updated after
+            # each move; a move takes no time, so it is learned undiscounted and without reward
+            for _ in range(c.max_moves - 1):
+                if action == 0:
+                    break
+                nxt = encode_state(signals, new, self.bins, self.limits)
+                allowed_nxt = allowed_actions(new, self.limits)
+                if c.learn:
+                    self.learner.update(state, action, 0.0, nxt, allowed_nxt, discount=1.0)
+                state, action = nxt, self.learner.choose(nxt, allowed_nxt, explore=c.learn)
+                if action != 0:
+                    new = next_setting(new, action, self.limits)
+                    chain.append(ACTIONS[action])
         self.rows.append({
-            "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": state,
-            "state_view": "/".join(str(v) for v in decode_state(state, self.bins)), "action": ACTIONS[action],
+            "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": first_state,
+            "state_view": "/".join(str(v) for v in decode_state(first_state, self.bins)), "action": "+".join(chain),
             "how": how, "reward": "" if r is None else round(r, 5), "td_error": "" if td is None else round(td, 5),
             "epsilon": round(self.learner.epsilon, 4),
-            "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[state]) + "]",
+            "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[first_state]) + "]",
             "batch_size": old.batch_size, "precision": old.precision, "workers": old.workers,
             "new_batch_size": new.batch_size, "new_precision": new.precision, "new_workers": new.workers,
             "utilisation": round(signals.utilisation, 4), "free_memory": round(signals.free_memory, 4),
             "comm_latency_ms": round(signals.comm_latency_ms, 4), "noise_scale": round(signals.noise_scale, 2),
             "loss": round(loss, 5), "lr": _lr(trainer), "restart_s": round(self.restart_s, 3)})
-        metrics = {"scheduler/action": float(action), "scheduler/epsilon": self.learner.epsilon,
+        metrics = {"scheduler/action": float(ACTIONS.index(chain[0])), "scheduler/epsilon": self.learner.epsilon,
                    "scheduler/global_batch": float(new.global_batch), "scheduler/workers": float(new.workers),
                    "scheduler/low_precision": float(new.low_precision), "scheduler/state": float(state)}
         if r is not None:
             metrics["scheduler/reward"] = float(r)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        log.info("scheduler: step %d state %d %s -> %s (%s), reward %s", trainer.global_step, state,
-                 ACTIONS[action], new, how, r)
+        log.info("scheduler: step %d state %d %s -> %s (%s), reward %s", trainer.global_step, first_state,
+                 "+".join(chain), new, how, r)
         self.pending = {"state": state, "action": action, "t0": time.time(), "samples": samples}
         self.restart_s, self._oom = 0.0, False
-        return {"action": ACTIONS[action], "new": (new.batch_size, new.precision, new.workers)}
+        return {"action": "+".join(chain), "new": (new.batch_size, new.precision, new.workers)}
 
     # -- helpers ------------------------------------------------------------------------------
     def _setting(self, trainer) -> Setting:

@@ -32,7 +32,7 @@ __all__ = [
     "ACTIONS", "PRECISIONS", "FULL_PRECISION", "POLICY_FORMAT",
     "Signals", "Setting", "Limits", "StateBins", "StateView",
     "encode_state", "decode_state", "n_states", "allowed_actions", "next_setting",
-    "QLearner", "reward", "REWARD_FORMS", "conservative_heuristic", "action_index",
+    "QLearner", "reward", "REWARD_FORMS", "conservative_heuristic", "follow_advice", "action_index",
 ]
 
 ACTIONS = ("keep", "batch_up", "batch_down", "precision_low", "precision_full",
@@ -40,7 +40,7 @@ ACTIONS = ("keep", "batch_up", "batch_down", "precision_low", "precision_full",
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 FULL_PRECISION = "32-true"
 POLICY_FORMAT = "dsframe-scheduler-qtable"
-POLICY_VERSION = 1
+POLICY_VERSION = 2       # 2: the advice state component and the reward form
 
 
 def action_index(name: str) -> int:
@@ -56,6 +56,7 @@ class Signals:
     free_memory: float        # 0..1 fraction of device memory free
     comm_latency_ms: float    # timed small all-reduce; 0 on one process
     noise_scale: float        # gradient noise scale B_noise in samples (Pollux); <= 0: unknown
+    advice: int = 0           # index in ACTIONS: a goodput model's next move (Pollux); 0 = keep/none
 
 
 @dataclass
@@ -141,10 +142,13 @@ class StateBins:
     noise_ratio: tuple = (0.25, 1.0, 4.0)
     batch_buckets: int = 8           # one per level of a ×2 ladder up to 128× the minimum
     worker_buckets: int = 5          # 1, 2, 4, 8, 16 workers each their own bucket
+    advice: bool = True              # the goodput advisor's next move is part of the state
 
     def __post_init__(self):
         for f in ("utilisation", "free_memory", "comm_latency_ms", "noise_ratio"):
             setattr(self, f, _edges(f, getattr(self, f)))
+        if not isinstance(self.advice, bool):
+            raise ConfigError("bins.advice", self.advice, "true or false")
         for f in ("batch_buckets", "worker_buckets"):
             if int(getattr(self, f)) < 1:
                 raise ConfigError(f"bins.{f}", getattr(self, f), "an integer >= 1")
@@ -154,16 +158,22 @@ class StateBins:
     def sizes(self) -> tuple:
         """Number of buckets per component, in StateView order."""
         key = (self.utilisation, self.free_memory, self.comm_latency_ms, self.noise_ratio,
-               self.batch_buckets, self.worker_buckets)
+               self.batch_buckets, self.worker_buckets, self.advice)
         if getattr(self, "_sizes_key", None) != key:        # encode_state asks on every decision
             self._sizes_key = key
             self._sizes = (len(self.utilisation) + 1, len(self.free_memory) + 1, len(self.comm_latency_ms) + 1,
-                           len(self.noise_ratio) + 1, self.batch_buckets, 2, self.worker_buckets)
+                           len(self.noise_ratio) + 1, self.batch_buckets, 2, self.worker_buckets,
+                           len(ACTIONS) if self.advice else 1)
         return self._sizes
 
     def to_dict(self) -> dict:
         return {f.name: list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple)
                 else getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def without_advice_key(cls, d: dict) -> dict:
+        """Bins of a version-1 policy file (written before the advice feature): no advice."""
+        return {**d, "advice": False} if "advice" not in d else d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StateBins":
@@ -183,6 +193,7 @@ class StateView(NamedTuple):
     batch: int
     precision: int      # 0 = full (32-true), 1 = reduced (bf16/16-mixed)
     workers: int
+    advice: int = 0     # index in ACTIONS (0 where bins.advice is off)
 
 
 def n_states(bins: StateBins, limits: Optional[Limits] = None) -> int:
@@ -192,9 +203,13 @@ def n_states(bins: StateBins, limits: Optional[Limits] = None) -> int:
 
 
 def _position(value: int, lo: int, hi: int, buckets: int) -> int:
-    """Log-position of value in [lo, hi] as a bucket: 0 only at lo, buckets-1 only at hi."""
-    if buckets == 1 or hi <= lo:
+    """Log-position of value in [lo, hi] as a bucket: 0 only at lo, buckets-1 only at hi.
+    With lo == hi there is no room to grow: the value counts as at its maximum (so a rule that
+    scales workers up first turns to the batch when the worker count is fixed)."""
+    if buckets == 1:
         return 0
+    if hi <= lo:
+        return buckets - 1
     if value <= lo:
         return 0
     if value >= hi:
@@ -219,6 +234,7 @@ def encode_state(signals: Signals, setting: Setting, bins: StateBins, limits: Li
         _position(setting.batch_size, limits.min_batch, limits.max_batch, bins.batch_buckets),
         int(setting.low_precision),
         _position(setting.workers, limits.min_workers, limits.max_workers, bins.worker_buckets),
+        int(signals.advice) if bins.advice else 0,
     )
     index = 0
     for i, n in zip(view, bins.sizes):      # row-major, as np.ravel_multi_index (faster on scalars)
@@ -311,6 +327,11 @@ def conservative_heuristic(bins: StateBins, threshold: float = 0.7) -> Callable[
     return act
 
 
+def follow_advice(bins: StateBins) -> Callable[[StateView], int]:
+    """Imitation of the goodput advisor (the state's advice component): its action, else keep."""
+    return lambda v: int(v.advice) if bins.advice else ACTIONS.index("keep")
+
+
 @dataclass
 class _Hyper:
     alpha: float = 0.1
@@ -348,6 +369,7 @@ class QLearner:
         self.decisions = 0
         self.updates = 0
         self.bins = bins
+        self.reward_form: Optional[str] = None    # what the table was trained on (policy file)
         self.seed = int(seed)
         self._rng = np.random.default_rng(seed)
 
@@ -405,14 +427,17 @@ class QLearner:
         return self.greedy(state, mask)
 
     def update(self, s: int, a: int, reward: float, s_next: Optional[int],
-               allowed_next: Optional[Sequence[bool]] = None, done: bool = False) -> float:
+               allowed_next: Optional[Sequence[bool]] = None, done: bool = False,
+               discount: Optional[float] = None) -> float:
         """Q(s,a) += α·(r + γ·max_{a' allowed} Q(s',a') − Q(s,a)); returns the TD error.
-        ``done`` (or ``s_next=None``) ends the episode: the target is r alone."""
+        ``done`` (or ``s_next=None``) ends the episode: the target is r alone. ``discount``
+        replaces γ for this transition (1 for a move that takes no time, as in a semi-MDP)."""
         if done or s_next is None:
             target = float(reward)
         else:
             mask = self._mask(allowed_next)
-            target = float(reward) + self.hyper.gamma * float(self.q[s_next][mask].max())
+            g = self.hyper.gamma if discount is None else float(discount)
+            target = float(reward) + g * float(self.q[s_next][mask].max())
         td = target - self.q[s, a]
         self.q[s, a] += self.hyper.alpha * td
         self.visits[s, a] += 1
@@ -439,6 +464,7 @@ class QLearner:
             "hyper": asdict(self.hyper), "q": self.q.tolist(), "visits": self.visits.tolist(),
             "decisions": int(self.decisions), "updates": int(self.updates), "seed": self.seed,
             "bins": self.bins.to_dict() if self.bins is not None else None,
+            "reward_form": self.reward_form,
             "rng": self._rng.bit_generator.state,
         }
 
@@ -458,7 +484,7 @@ class QLearner:
                                       f"scheduler's state space {list(self.q.shape)} (different bins?)")
             if not np.isfinite(q).all():
                 raise CheckpointError(f"{source}: Q-table holds non-finite values")
-            bins = StateBins.from_dict(d["bins"]) if d.get("bins") is not None else None
+            bins = StateBins.from_dict(StateBins.without_advice_key(d["bins"])) if d.get("bins") is not None else None
             if bins is not None and self.bins is not None and bins.to_dict() != self.bins.to_dict():
                 raise CheckpointError(f"{source}: Q-table bins {bins.to_dict()} differ from the "
                                       f"scheduler's {self.bins.to_dict()}")
@@ -480,6 +506,10 @@ class QLearner:
         self.q, self.visits, self.hyper = q, visits, hyper
         self.decisions, self.updates = int(d.get("decisions", 0)), int(d.get("updates", 0))
         self.bins = bins if bins is not None else self.bins
+        form = d.get("reward_form")
+        if form is not None and form not in REWARD_FORMS:
+            raise CheckpointError(f"{source}: reward_form {form!r} is not one of {', '.join(REWARD_FORMS)}")
+        self.reward_form = form
         if d.get("rng") is not None:
             self._rng.bit_generator.state = d["rng"]
 
@@ -513,7 +543,7 @@ class QLearner:
             raise CheckpointError(f"scheduler policy file {path}: not a scheduler Q-table")
         try:
             shape = (int(d["n_states"]), int(d["n_actions"]))
-            file_bins = StateBins.from_dict(d["bins"]) if d.get("bins") is not None else None
+            file_bins = StateBins.from_dict(StateBins.without_advice_key(d["bins"])) if d.get("bins") is not None else None
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"scheduler policy file {path}: damaged ({type(e).__name__}: {e})") from None
         if d.get("format") != POLICY_FORMAT:

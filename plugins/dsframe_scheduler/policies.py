@@ -11,7 +11,10 @@
   pays back the restart over the rest of the job. The LR follows AdaScale (the simulator's
   progress model is AdaScale's gain, for every policy alike).
 - :class:`QPolicy` — the shared tabular Q-learner (:mod:`dsframe_scheduler.agent`), trained
-  by :func:`train_q` in the simulator, evaluated greedily on fresh seeds.
+  by :func:`train_q` in the simulator, evaluated greedily on fresh seeds. Its state includes
+  the :class:`GoodputAdvisor`'s next move (what the goodput rule would do, one action at a
+  time) and it can be warm-started by imitating it (DL2 needed an imitation start); what it
+  does with the advice is learned.
 - :class:`Oracle` — perfect foresight: dynamic programming over every setting at every
   decision point on the noise-free cost model of the very run (its interference included);
   it picks its first setting freely, as the best static setting does.
@@ -27,11 +30,12 @@ import numpy as np
 
 from dsframe_scheduler.agent import (
     ACTIONS, FULL_PRECISION, QLearner, Setting, Signals, StateBins, allowed_actions,
-    conservative_heuristic, encode_state, n_states, next_setting, reward,
+    conservative_heuristic, encode_state, follow_advice, n_states, next_setting, reward,
 )
+from dsframe.errors import ConfigError
 from dsframe_scheduler.simulator import ClusterSim, Workload
 
-__all__ = ["Policy", "Static", "ThresholdRule", "GoodputRule", "QPolicy", "Oracle",
+__all__ = ["Policy", "Static", "ThresholdRule", "GoodputAdvisor", "GoodputRule", "QPolicy", "Oracle",
            "run_episode", "best_static", "train_q", "Episode", "expected_cost"]
 
 
@@ -134,80 +138,176 @@ class ThresholdRule(Policy):
 
 
 # ----------------------------------------------------------------------------- goodput
-class GoodputRule(Policy):
-    """Pollux's goodput for what one job controls: batch size, workers and — beyond Pollux,
-    so that the baseline is as strong as the Q-learner's action set — precision, with the
-    workload's precision factor (``precisions=("32-true",)`` is Pollux proper). The step-time
-    model is the one fitted on the trace (Pollux fits the same form online); the noise scale
-    comes from the monitor, smoothed."""
-    name = "goodput"
+class GoodputAdvisor:
+    """Pollux's goodput model for what one job controls: batch size, workers and — beyond
+    Pollux, so that the baseline is as strong as the Q-learner's action set — precision, with
+    the workload's precision model (``precisions=("32-true",)`` is Pollux proper). The
+    step-time model is the one fitted on the trace (Pollux fits the same form online); the
+    noise scale comes from the monitor, smoothed.
+
+    :meth:`target` is the setting with the least predicted cost per unit of progress, if it
+    gains ≥ ``min_gain`` and pays back its restart over the rest of the job (else the current
+    one); :meth:`advice` is the first action of the ladders that leads towards it."""
 
     def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=None):
         self.min_gain, self.smoothing = min_gain, smoothing
         self.precisions = None if precisions is None else tuple(precisions)
 
-    def reset(self, sim, lam):
-        self.lam, self.b_noise = lam, None
+    def reset(self, sim: ClusterSim, lam: float) -> None:
         w = sim.w
+        self.lam, self.b_noise = lam, None
         self.candidates = [s for s in w.settings() if self.precisions is None or s.precision in self.precisions]
+        self._index = {(s.batch_size, s.precision, s.workers): i for i, s in enumerate(self.candidates)}
+        self._step = np.array([w.step_time(s) for s in self.candidates])
+        self._scale = np.array([s.global_batch / w.stat.init_batch for s in self.candidates], dtype=float)
+        self._price = np.array([s.workers + lam for s in self.candidates], dtype=float)
 
-    def cost_per_progress(self, w: Workload, s: Setting) -> float:
+    def update(self, noise_scale: float) -> None:
+        self.b_noise = noise_scale if self.b_noise is None else \
+            self.smoothing * self.b_noise + (1 - self.smoothing) * noise_scale
+
+    def costs(self, w: Workload) -> np.ndarray:
+        """Predicted cost per unit of progress of every candidate setting."""
         phi = self.b_noise / w.stat.init_batch            # = grad_var / grad_sqr
-        scale = s.global_batch / w.stat.init_batch
-        gain = (phi + 1.0) / (phi / scale + 1.0)
-        return w.step_time(s) / gain * (s.workers + self.lam)
+        if not np.isfinite(phi):                          # no measurable gradient signal: linear scaling
+            gain = self._scale
+        else:
+            gain = np.clip((phi + 1.0) / (phi / self._scale + 1.0), np.minimum(1.0, self._scale),
+                           np.maximum(1.0, self._scale))
+        return self._step / gain * self._price
 
-    def act(self, signals, sim):
-        ns = signals.noise_scale
-        self.b_noise = ns if self.b_noise is None else self.smoothing * self.b_noise + (1 - self.smoothing) * ns
-        w, cur = sim.w, sim.setting
-        now = self.cost_per_progress(w, cur)
-        best = min(self.candidates, key=lambda s: self.cost_per_progress(w, s))
-        new = self.cost_per_progress(w, best)
+    def cost_of(self, w: Workload, s: Setting, costs: Optional[np.ndarray] = None) -> float:
+        i = self._index.get((s.batch_size, s.precision, s.workers))
+        if i is None:                                       # outside the candidates: compute it
+            phi, scale = self.b_noise / w.stat.init_batch, s.global_batch / w.stat.init_batch
+            gain = scale if not np.isfinite(phi) else (phi + 1.0) / (phi / scale + 1.0)
+            return w.step_time(s) / gain * (s.workers + self.lam)
+        return float((self.costs(w) if costs is None else costs)[i])
+
+    def target(self, sim: ClusterSim, setting: Optional[Setting] = None) -> Setting:
+        w, cur = sim.w, setting or sim.setting
+        costs = self.costs(w)
+        best = self.candidates[int(np.argmin(costs))]
+        now, new = self.cost_of(w, cur, costs), float(costs.min())
         if best == cur or new > now * (1 - self.min_gain):
-            return "keep"
+            return cur
         remaining = sim.bounds[-1] - sim.progress
         restart = w.spec.restart_seconds * (best.workers + self.lam) if w.needs_restart(cur, best) else 0.0
-        if (now - new) * remaining <= restart:
-            return "keep"
+        return cur if (now - new) * remaining <= restart else best
+
+    def advice(self, sim: ClusterSim, allowed, setting: Optional[Setting] = None) -> int:
+        """The allowed action that moves towards :meth:`target` with the least predicted cost
+        (from ``setting``, default the job's current one)."""
+        cur = setting or sim.setting
+        goal = self.target(sim, cur)
+        if goal == cur:
+            return 0
+        w, costs = sim.w, self.costs(sim.w)
+        best, best_cost = 0, float("inf")
+        for a in range(1, len(ACTIONS)):
+            if not allowed[a]:
+                continue
+            nxt = next_setting(cur, a, w.limits)
+            closer = (abs(np.log2(nxt.batch_size / goal.batch_size)) < abs(np.log2(cur.batch_size / goal.batch_size))
+                      or (nxt.precision == goal.precision != cur.precision)
+                      or abs(np.log2(nxt.workers / goal.workers)) < abs(np.log2(cur.workers / goal.workers)))
+            if closer and w.fits(nxt):
+                c = self.cost_of(w, nxt, costs)
+                if c < best_cost:
+                    best, best_cost = a, c
         return best
+
+
+class GoodputRule(Policy):
+    """Pollux-style: moves straight to the :class:`GoodputAdvisor`'s target (one restart)."""
+    name = "goodput"
+
+    def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=None):
+        self.advisor = GoodputAdvisor(min_gain, smoothing, precisions)
+
+    def reset(self, sim, lam):
+        self.advisor.reset(sim, lam)
+
+    def act(self, signals, sim):
+        self.advisor.update(signals.noise_scale)
+        goal = self.advisor.target(sim)
+        return "keep" if goal == sim.setting else goal
 
 
 # ----------------------------------------------------------------------------- Q-learning
 class QPolicy(Policy):
+    """The Q-table driving a simulated job. With ``max_moves > 1`` the agent may chain up to that
+    many actions at one decision (the same reading, the setting updated after each move) and the
+    job restarts once for all of them, as the goodput rule's single jump does; the chained moves
+    take no time, so they are not discounted (a semi-MDP step of zero duration) and earn no
+    reward of their own — the chunk trained afterwards rewards the last one."""
     name = "q_learning"
 
     def __init__(self, learner: QLearner, bins: StateBins, explore: bool = False, reward_scale: float = 1.0,
-                 reward_form: str = "cost", cooldown: int = 0):
+                 reward_form: str = "cost", cooldown: int = 0, advisor: Optional[GoodputAdvisor] = None,
+                 max_moves: int = 1):
         self.q, self.bins, self.explore, self.scale, self.form = learner, bins, explore, reward_scale, reward_form
         self.cooldown = int(cooldown)       # decisions kept after a restart (min steps between changes)
+        self.advisor = advisor if advisor is not None else (GoodputAdvisor() if bins.advice else None)
+        self.imitate = False                # training: behave like the advisor (ε-greedy around it)
+        if int(max_moves) < 1:
+            raise ConfigError("max_moves", max_moves, "an integer >= 1")
+        self.max_moves = int(max_moves)
 
     def reset(self, sim, lam):
         self.lam, self.prev, self._next = lam, None, None
         self._masks, self._wait = {}, 0
+        if self.advisor is not None:
+            self.advisor.reset(sim, lam)
 
-    def _state(self, signals, sim):
-        return encode_state(signals, sim.setting, self.bins, sim.w.limits)
+    def _state(self, signals, sim, setting: Optional[Setting] = None, update: bool = True):
+        setting = setting or sim.setting
+        if self.advisor is not None:        # the reading's advice: what the goodput model would do next
+            if update:
+                self.advisor.update(signals.noise_scale)
+            signals = Signals(signals.utilisation, signals.free_memory, signals.comm_latency_ms,
+                              signals.noise_scale, self.advisor.advice(sim, self._allowed(sim, setting), setting))
+        self._advice = signals.advice
+        return encode_state(signals, setting, self.bins, sim.w.limits)
 
-    def _allowed(self, sim):
-        s = sim.setting
+    def _allowed(self, sim, setting: Optional[Setting] = None):
+        s = setting or sim.setting
         key = (s.batch_size, s.precision, s.workers)
         if key not in self._masks:
             self._masks[key] = np.asarray(allowed_actions(s, sim.w.limits), dtype=bool)
         return self._masks[key]
+
+    def _pick(self, s, allowed) -> int:
+        if self.imitate:                                 # off-policy: the advisor's moves, ε around them
+            a = self.q.choose(s, allowed, explore=True)
+            return int(self._advice) if a == self.q.greedy(s, allowed) else a
+        return self.q.choose(s, allowed, explore=self.explore)
 
     def act(self, signals, sim):
         s = self._next if self._next is not None else self._state(signals, sim)
         self._next = None
         if self._wait > 0:
             self._wait -= 1
-            a = 0                                        # keep
-        else:
-            a = self.q.choose(s, self._allowed(sim), explore=self.explore)
-            if ACTIONS[a] in ("precision_low", "precision_full", "workers_up", "workers_down"):
-                self._wait = self.cooldown
+            self.prev = (s, 0)
+            return 0                                     # keep
+        setting, limits = sim.setting, sim.w.limits
+        for move in range(self.max_moves):
+            allowed = self._allowed(sim, setting)
+            a = self._pick(s, allowed)
+            if a == 0 or move == self.max_moves - 1:
+                break
+            new = next_setting(setting, a, limits)
+            s_new = self._state(signals, sim, new, update=False)
+            if self.explore:                             # zero time, zero reward: no discount
+                self.q.update(s, a, 0.0, s_new, self._allowed(sim, new), discount=1.0)
+            setting, s = new, s_new
         self.prev = (s, a)
-        return a
+        setting = next_setting(setting, a, limits)
+        if sim.w.needs_restart(sim.setting, setting):
+            self._wait = self.cooldown
+        if setting == sim.setting:
+            return 0
+        return a if self.max_moves == 1 else setting
 
     def observe(self, r, signals_next, sim):
         if not self.explore:
@@ -232,9 +332,15 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
             bins: Optional[StateBins] = None, alpha: float = 0.1, gamma: float = 0.9,
             eps_start: float = 0.3, eps_end: float = 0.05, hysteresis: float = 0.0,
             reward_form: str = "cost", exploring_starts: float = 0.5, cooldown: int = 0,
+            warm_start: str = "threshold", imitation: float = 0.0, max_moves: int = 1,
             progress=None) -> QPolicy:
-    """Q-learning in the simulator: warm start from the threshold heuristic, ε decaying over
-    the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
+    """Q-learning in the simulator: warm start from a heuristic (``threshold``: the article's
+    rule; ``advice``: follow the goodput advisor, with the state's advice component), ε decaying
+    over the first 80 % of the decisions, training seeds ``seed·10⁶ + i`` (evaluation uses others).
+
+    The first ``imitation`` fraction of the episodes behaves like the advisor (ε-greedy around
+    its move) while the table learns from what that behaviour earns (off-policy Q-learning on
+    demonstrations, DL2's imitation start); the rest is ordinary ε-greedy on the table.
 
     With probability ``exploring_starts`` a training episode starts from a random setting at a
     random point of the job (exploring starts): ε-greedy walks alone rarely reach settings
@@ -246,9 +352,18 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
                        bins=bins)
     # base: the discounted value of staying on the start setting (reward ±1 per decision)
     base = (1.0 if reward_form == "rate" else -1.0) / (1.0 - gamma)
-    learner.warm_start(conservative_heuristic(bins), value=0.5, base=base)
+    if warm_start not in ("threshold", "advice"):
+        raise ConfigError("warm_start", warm_start, "threshold or advice")
+    if warm_start == "advice" and not bins.advice:
+        raise ConfigError("warm_start", warm_start, "threshold (the bins have no advice component)")
+    if not 0.0 <= imitation <= 1.0 or (imitation > 0 and not bins.advice):
+        raise ConfigError("imitation", imitation, "a fraction in [0, 1] (> 0 needs bins.advice)")
+    heuristic = follow_advice(bins) if warm_start == "advice" else conservative_heuristic(bins)
+    learner.warm_start(heuristic, value=0.5, base=base)
+    learner.reward_form = reward_form
     policy = QPolicy(learner, bins, explore=True, reward_scale=reward_scale(workload, lam),
-                     reward_form=reward_form, cooldown=cooldown)
+                     reward_form=reward_form, cooldown=cooldown, max_moves=max_moves)
+    n_imitation = int(round(imitation * episodes))
     rng = np.random.default_rng(seed)
     settings = workload.settings()
     for i in range(episodes):
@@ -257,10 +372,11 @@ def train_q(workload: Workload, lam: float, episodes: int = 300, seed: int = 0,
         if rng.random() < exploring_starts:
             policy.start = settings[int(rng.integers(len(settings)))]
             start_chunk = int(rng.integers(workload.spec.decisions))
+        policy.imitate = i < n_imitation
         run_episode(workload, policy, lam, seed=seed * 1_000_000 + i, start_chunk=start_chunk)
         if progress is not None:
             progress()
-    policy.explore, policy.start = False, None
+    policy.explore, policy.start, policy.imitate = False, None, False
     return policy
 
 

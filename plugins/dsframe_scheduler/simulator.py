@@ -17,6 +17,10 @@ Cost model (per worker, all fitted on the trace with numpy, after Pollux's goodp
 ``compute(b, r) = (α_c + β_c·b + κ·b·(r−1)) · speed(precision)`` (κ: compute contention
 between workers sharing a machine; ~0 on GPUs), ``sync(r, nodes) = α + β·max(r−2, 0)``
 (intra- or inter-node constants), ``step = (compute^γ + sync^γ)^(1/γ)`` (γ ≥ 1: overlap).
+A reduced precision measured at ≥ 2 local batch sizes gets compute constants of its own,
+fitted the same way on its rows (on a CPU bf16 has a larger fixed cost and a smaller per-sample
+cost than fp32: one speed factor cannot describe both); otherwise its compute time is fp32's
+times the workload's speed factor.
 Memory is ``base + (0.95 − base)·b·memory(precision)/cap`` of the device, ``cap`` = the largest
 measured local batch, so anything above it runs out of memory.
 Statistical efficiency (AdaScale gain, as Pollux): a step at global batch B makes
@@ -332,11 +336,14 @@ class StatModel:
         return out
 
     def gain(self, global_batch: float, progress: float) -> float:
-        """Progress per step at this global batch (1 at the smallest measured batch)."""
+        """Progress per step at this global batch (1 at the smallest measured batch), clipped
+        to [1, s] as AdaScale's gain is: a measured grad_sqr below 0 (an unbiased estimate on
+        a few batches can be) would otherwise promise more than linear scaling."""
         sqr, var = self.grad_stats(global_batch, progress)
         s = global_batch / self.init_batch
         denom = var / s + sqr
-        return (var + sqr) / denom if denom > 0 else 1.0
+        g = (var + sqr) / denom if denom > 0 else s
+        return float(min(max(g, min(1.0, s)), max(1.0, s)))
 
     def noise_scale(self, global_batch: float, progress: float) -> float:
         sqr, var = self.grad_stats(global_batch, progress)
@@ -367,13 +374,21 @@ class Workload:
         self.name = trace.name
         self.spec = spec or WorkloadSpec.from_dict(trace.spec)
         full = np.asarray([p == FULL_PRECISION for p in trace.precision])
-        idx = np.flatnonzero(full)
         self.holdout = np.zeros(len(full), dtype=bool)
-        if holdout_every and len(idx) >= 2 * holdout_every:
-            self.holdout[idx[1::holdout_every]] = True
+        for p in PRECISIONS:              # every third row of each precision is held out of its fit
+            idx = np.flatnonzero([q == p for q in trace.precision])
+            if holdout_every and len(idx) >= 2 * holdout_every:
+                self.holdout[idx[1::holdout_every]] = True
         fit = full & ~self.holdout
         t = trace
         self.perf = PerfModel.fit(t.nodes[fit], t.replicas[fit], t.local_bsz[fit], t.step_time[fit], t.sync_time[fit])
+        # reduced precisions measured at >= 2 batch sizes: compute constants of their own
+        self.perf_by_precision: dict = {}
+        for p in PRECISIONS[1:]:
+            m = np.asarray([q == p for q in t.precision]) & ~self.holdout
+            if m.sum() >= 3 and len(np.unique(t.local_bsz[m])) >= 2:
+                self.perf_by_precision[p] = PerfModel.fit(t.nodes[m], t.replicas[m], t.local_bsz[m],
+                                                          t.step_time[m], t.sync_time[m])
         self.stat = StatModel(trace.validation, self.spec.target_metric)
         self.min_local = int(t.local_bsz[full].min())
         self.cap = int(self.spec.memory_cap or t.local_bsz[full].max())
@@ -428,10 +443,21 @@ class Workload:
         key = (s.batch_size, s.precision, s.workers, interference)
         t = self._step_cache.get(key)
         if t is None:      # the simulator asks for the same few settings millions of times
-            t = self._step_cache[key] = float(self.perf.step(
-                s.batch_size, self.nodes_of(s.workers), s.workers, self.precision[s.precision]["speed"],
-                interference))
+            perf, speed = self.perf_model(s.precision)
+            t = self._step_cache[key] = float(perf.step(s.batch_size, self.nodes_of(s.workers), s.workers,
+                                                        speed, interference))
         return t
+
+    def perf_model(self, precision: str) -> tuple:
+        """(PerfModel, speed factor) of a precision: its own fit where it was measured at
+        several batch sizes, else fp32's with the speed factor."""
+        own = self.perf_by_precision.get(precision)
+        return (own, 1.0) if own is not None else (self.perf, self.precision[precision]["speed"])
+
+    def busy_time(self, s: Setting) -> float:
+        """The batch-proportional part of a step (what a utilisation monitor sees as busy)."""
+        perf, speed = self.perf_model(s.precision)
+        return perf.beta_c * s.batch_size * speed
 
     def network_time(self, workers: int) -> float:
         t = self._net_cache.get(workers)
@@ -484,6 +510,7 @@ class Workload:
                 "min_local_batch": self.min_local, "memory_cap_local_batch": self.cap,
                 "worker_ladder": self.worker_ladder, "precision": self.precision,
                 "static_default": asdict(self.static_default), "perf_model": asdict(self.perf),
+                "perf_model_by_precision": {p: asdict(m) for p, m in self.perf_by_precision.items()},
                 "restart_seconds": self.spec.restart_seconds, "decisions": self.spec.decisions}
 
 
@@ -521,10 +548,8 @@ class ClusterSim:
 
     def observe(self) -> Signals:
         w, s, sp = self.w, self.setting, self.w.spec
-        speed = w.precision[s.precision]["speed"]
         step = w.step_time(s, self.interference)
-        busy = (w.perf.beta_c * s.batch_size) * speed          # the batch-proportional part of a step
-        util = busy / step
+        util = w.busy_time(s) / step
         noise_scale = w.stat.noise_scale(s.global_batch, self.progress)
         net = w.network_time(s.workers) * self.interference
         if self.noise:
@@ -564,13 +589,20 @@ class ClusterSim:
 
 # ----------------------------------------------------------------------------- calibration
 def calibration_error(workload: Workload) -> dict:
-    """Simulated vs measured step time for every fp32 row of the trace: relative error
+    """Simulated vs measured step time for every row of the trace: relative error
     |sim − meas| / meas, summarised over the held-out rows (not used in the fit) and all
-    rows, plus per setting for the placements the simulator uses (workers packed on nodes)."""
+    rows, per precision, plus per setting for the placements the simulator uses (workers
+    packed on nodes). A reduced precision is simulated as the simulator does (its own fit, or
+    fp32's times its speed factor)."""
     t, w = workload.trace, workload
-    full = np.asarray([p == FULL_PRECISION for p in t.precision])
-    sim = w.perf.step(t.local_bsz, t.nodes, t.replicas)
+    sim = np.empty(len(t.step_time))
+    for p in set(t.precision):
+        m = np.asarray([q == p for q in t.precision])
+        perf, speed = w.perf_model(p) if p in w.precision else (w.perf, 1.0)
+        sim[m] = perf.step(t.local_bsz[m], t.nodes[m], t.replicas[m], speed)
     err = np.abs(sim - t.step_time) / t.step_time
+    full = np.asarray([p == FULL_PRECISION for p in t.precision])
+    every = np.ones(len(err), dtype=bool)
 
     def summary(mask):
         e = err[mask]
@@ -583,8 +615,13 @@ def calibration_error(workload: Workload) -> dict:
 
     used = {placement_of(n, w.gpus_per_node) for n in w.worker_ladder}
     per_setting = [{"workers": int(t.replicas[i]), "placement": t.placement[i], "local_bsz": float(t.local_bsz[i]),
+                    "precision": t.precision[i],
                     "measured_s": round(float(t.step_time[i]), 5), "simulated_s": round(float(sim[i]), 5),
                     "abs_pct": round(100 * float(err[i]), 2), "held_out": bool(w.holdout[i])}
-                   for i in np.flatnonzero(full) if t.placement[i] in used]
-    return {"held_out": summary(full & w.holdout), "all": summary(full),
-            "fit": summary(full & ~w.holdout), "per_setting": per_setting}
+                   for i in range(len(err)) if t.placement[i] in used]
+    by_precision = {p: {"held_out": summary(m & w.holdout), "all": summary(m)}
+                    for p in sorted(set(t.precision))
+                    for m in [np.asarray([q == p for q in t.precision])]}
+    return {"held_out": summary(every & w.holdout), "all": summary(every), "fit": summary(every & ~w.holdout),
+            "fp32_held_out": summary(full & w.holdout), "by_precision": by_precision,
+            "per_setting": per_setting}
