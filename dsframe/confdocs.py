@@ -191,6 +191,7 @@ def pages() -> dict[str, str]:
     from dsframe.config.schema import RecipeConfig, StageConfig, TrainerConfig
     from dsframe.loggers import LoggerConfig
     from dsframe.optim import OptimConfig
+    from dsframe.resilience_config import CheckpointConfig, NonFiniteLossConfig
 
     out = {
         "trainer.md": _single_page("trainer", "Lightning `Trainer` settings a recipe may set; a stage overrides "
@@ -200,6 +201,11 @@ def pages() -> dict[str, str]:
                                  "it under `recipe.stages.<stage>.optim`.", [("", OptimConfig, "optim")], "optim"),
         "logger.md": _single_page("logger", "An experiment logger beside the CSV logs every fit stage keeps "
                                   "(docs/runs.md).", [("", LoggerConfig, "logger")], "logger"),
+        "reliability.md": _single_page("checkpoint, nonfinite_loss", "Surviving interruptions inside a fit stage: "
+                                       "interval checkpoints (SIGTERM/SIGINT save one and exit 143/130) and what a "
+                                       "NaN/Inf loss does (docs/reliability.md).",
+                                       [("checkpoint", CheckpointConfig, "checkpoint"),
+                                        ("nonfinite_loss", NonFiniteLossConfig, "nonfinite_loss")], None),
         "recipe.md": _single_page("recipe", "What runs: the stages in order, and what a sweep reports and "
                                   "optimises (docs/sweeps.md).",
                                   [("recipe", RecipeConfig, "recipe"), ("recipe.stages.&lt;stage&gt;", StageConfig,

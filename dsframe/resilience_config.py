@@ -31,7 +31,7 @@ class CheckpointConfig:
 class NonFiniteLossConfig:
     """What a NaN/Inf training loss does: stop the stage, or skip that batch's update (up to a limit)."""
 
-    policy: str = "stop"
+    policy: str = "stop"  # stop: end the stage naming the step and the last good checkpoint | skip: drop that update
     max_skips: int = 10  # with policy skip: more skipped batches than this in one stage stop it
 
     def __post_init__(self):
