@@ -3,6 +3,8 @@ teacher through onnxruntime (fp32, same fusion; dynamic int8), one full recipe r
 
     python benchmarks/compress.py --out results/compress.json                  # 3 seeds (hours on 2 cores)
     python benchmarks/compress.py --out c.json --seeds 2 --override debug=tiny --skip-bert-base   # wiring
+    python benchmarks/compress.py --recipe bert_base_compress --seeds 1 --skip-bert-base --skip-int8-paths \
+        --out results/compress_bert_base.json      # BERT-base size (mpnet_base), ~1.5 h per seed
 
 Each seed is one run of the real recipe (``python -m dsframe recipe=bert_compress seed=S``) in
 ``<runs-dir>/seed<S>``; a finished run is reused. Every choice inside a run is made on the
@@ -44,8 +46,8 @@ ROWS = {"teacher": "teacher", "int8": "student", "teacher_ort_fp32": "teacher_or
         "teacher_ort_int8": "baseline_ort_int8"}
 
 
-def run_recipe(run_dir: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "dsframe", "recipe=bert_compress", f"hydra.run.dir={run_dir}",
+def run_recipe(run_dir: Path, overrides: list[str], recipe: str = "bert_compress") -> None:
+    cmd = [sys.executable, "-m", "dsframe", f"recipe={recipe}", f"hydra.run.dir={run_dir}",
            "trainer.enable_progress_bar=false", *overrides]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -106,6 +108,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--seeds", type=int, default=3, help="recipe runs, seeds 0..N-1 (default 3)")
     ap.add_argument("--runs-dir", help="where the runs live (default: next to --out, <stem>_runs)")
+    ap.add_argument("--recipe", default="bert_compress",
+                    help="bert_compress (MiniLM-L6) or bert_base_compress (BERT-base size, ~1.5 h per seed on 2 cores)")
     ap.add_argument("--override", action="append", default=[], help="Hydra override for every recipe run")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the int8_paths / bert_base_shape timing")
     ap.add_argument("--skip-bert-base", action="store_true")
@@ -130,13 +134,13 @@ def main() -> int:
     for seed in range(args.seeds):
         run_dir = (runs_dir / f"seed{seed}").resolve()
         if not (run_dir / "report.json").exists():
-            run_recipe(run_dir, [*args.override, f"seed={seed}"])
+            run_recipe(run_dir, [*args.override, f"seed={seed}"], args.recipe)
         ev = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
         evals.append(ev)
         paired.append({"seed": seed, **{k.replace("int8_vs_", "student_vs_"): v for k, v in ev["paired"].items()}})
     rows = aggregate(evals)
     t, s, o, f = (rows[k] for k in ("teacher", "student", "baseline_ort_int8", "teacher_ort_fp32"))
-    res = {"runs_dir": str(runs_dir), "seeds": args.seeds, "overrides": args.override,
+    res = {"recipe": args.recipe, "runs_dir": str(runs_dir), "seeds": args.seeds, "overrides": args.override,
            "size_ratio": round(t["size_mb"] / s["size_mb"], 3),
            "size_ratio_full_vocab": round(t["size_mb"] / s["size_mb_full_vocab"], 3) if s.get("size_mb_full_vocab") else None,
            **{f"speedup_{k}": round(t["latency_ms"][k] / v, 3) for k, v in s["latency_ms"].items()},
@@ -260,7 +264,7 @@ def markdown(res: dict) -> str:
              f"Machine: {m['cpu_model']} ({m['arch']}, {m['cpus']} CPUs; flags {' '.join(m['cpu_flags'])}), "
              f"onnxruntime {m['onnxruntime']}, torch {m['torch']}, load average {m.get('load_avg_1m')} at the end "
              "(a shared machine: re-measure timings on a quiet one).", "",
-             f"{res['seeds']} seeds (one recipe run each, `{res['runs_dir']}`, overrides {res['overrides']}). "
+             f"{res['seeds']} seeds of recipe={res['recipe']} (one recipe run each, `{res['runs_dir']}`, overrides {res['overrides']}). "
              "Accuracy on the test split: mean ± std over seeds. Latency: median ms over every repetition of "
              "every seed's side-by-side measurement (min–max); bK_tN = batch K, N threads, seq 128; test_bK_tN "
              "= test sentences at their own lengths.", "",
