@@ -219,15 +219,17 @@ class Outcome:
 
 
 def interrupt(run_dir: Path, plugin_dir: Path, layout: str = "single", how: str = "SIGTERM", target: str = "group",
-              at_step: int = 5, in_finalize: bool = False, rerun: bool = True, timeout: float = 300) -> Outcome:
+              at_step: int = 5, in_finalize: bool = False, rerun: bool = True, timeout: float = 300,
+              rerun_overrides: tuple = ()) -> Outcome:
     """Run ``layout`` until rank(s) pause at ``at_step``, then send ``how`` to ``target`` ('group':
     the whole process group, as SLURM does; 'rank1': that rank only; 'launcher': the process that
     forked the ranks), wait until every process has closed its output, and (``rerun``)
-    run the same command again."""
+    run the same command again — with ``rerun_overrides`` replacing the keys they name (e.g.
+    another parallel layout)."""
     import json
 
     base, stage, interval = LAYOUTS[layout]
-    args = [*base, f"hydra.run.dir={run_dir}", f"++plugins.fault_pause.at_step={-1 if in_finalize else at_step}",
+    args = [*base, f"hydra.run.dir={run_dir}", f"++plugins.fault_pause.at_step={-1 if in_finalize or not how else at_step}",
             f"++plugins.fault_pause.in_finalize={in_finalize}"]
     if target == "rank1":
         args.append("++plugins.fault_pause.rank=1")
@@ -254,7 +256,9 @@ def interrupt(run_dir: Path, plugin_dir: Path, layout: str = "single", how: str 
     left = [p for p in watched if alive(p)]
     rerun_rc = None
     if rerun:
-        again = start(args, cwd=Path(run_dir).parent, plugin_dir=plugin_dir)
+        keys = {o.split("=", 1)[0] for o in rerun_overrides}
+        again = start([a for a in args if a.split("=", 1)[0] not in keys] + list(rerun_overrides),
+                      cwd=Path(run_dir).parent, plugin_dir=plugin_dir)
         _, rerr = again.communicate(timeout=timeout)
         rerun_rc = again.returncode
         if rerun_rc != 0:

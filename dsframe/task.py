@@ -48,11 +48,18 @@ class Task(pl.LightningModule):
         return min(1.0, self.samples_seen / self.total_samples) if self.total_samples else 0.0
 
     def on_train_start(self) -> None:
+        loop = self.trainer.fit_loop
+        if getattr(loop, "_combined_loader_states_to_load", None) and hasattr(loop, "_load_combined_loader_states"):
+            # A strategy that restores its checkpoint after setup (the hybrid strategy) has had the
+            # train loader built by configure_optimizers (estimated_stepping_batches) before the
+            # loop state was read, and Lightning hands a saved position only to a loader it builds
+            # afterwards: without this, a resumed epoch would restart from its first batch.
+            loop._load_combined_loader_states()
         sampler = train_batch_sampler(self.trainer)
         if sampler is not None and self._restored_global_batch:
             # Lightning restores a loader's position only inside an epoch; the batch size must
             # survive an epoch-end checkpoint too (the global batch: the rank count may differ)
-            sampler.set_batch_size(max(1, self._restored_global_batch // self.trainer.world_size))
+            sampler.set_batch_size(max(1, self._restored_global_batch // sampler.ranks[1]))
         self._restored_global_batch = 0
         sync_epoch_length(self.trainer)  # a restored loader position changes the epoch's length
 
@@ -79,7 +86,16 @@ class Task(pl.LightningModule):
         sampler = train_batch_sampler(self.trainer)
         loader = self.trainer.train_dataloader
         local = sampler.batch_size if sampler is not None else getattr(loader, "batch_size", None) or 1
-        return local * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return local * self._data_replicas() * self.trainer.accumulate_grad_batches
+
+    def _data_replicas(self) -> int:
+        """Ranks that read different samples: every rank under DDP, only the dp dimension under
+        tensor / pipeline parallelism (the tp and pp ranks of one replica share its batch)."""
+        try:
+            kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        except AssertionError:  # a mesh-based strategy asked before its mesh exists
+            kwargs = {}
+        return int(kwargs.get("num_replicas", self.trainer.world_size))
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**model_inputs(batch, self._inputs))
@@ -114,7 +130,7 @@ class Task(pl.LightningModule):
             self.dropping_step = True
             zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
             return {"loss": zero, "dropped": True}
-        self.samples_seen += batch_size(batch) * self.trainer.world_size
+        self.samples_seen += batch_size(batch) * self._data_replicas()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
         return loss

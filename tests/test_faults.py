@@ -87,10 +87,35 @@ def test_ddp_ranks_all_end_and_the_rerun_resumes(tmp_path, plugin_dir, how, targ
         assert "a rank stopped (process 1 terminated with signal SIGKILL)" in out.stderr_tail
 
 
-def test_tensor_parallel_rank_sigterm_saves_a_distributed_checkpoint_and_resumes(tmp_path, plugin_dir):
+@pytest.fixture(scope="module")
+def hybrid_reference(tmp_path_factory, plugin_dir):
+    """The tensor-parallel command, never interrupted."""
+    out = faultinject.interrupt(tmp_path_factory.mktemp("hybrid_ref") / "run", plugin_dir, "hybrid", how="",
+                                rerun=False)
+    assert out.rc == 0, out.stderr_tail
+    return json.loads((out.stage_dir / "metrics.json").read_text())
+
+
+def test_tensor_parallel_rank_sigterm_saves_a_distributed_checkpoint_and_resumes(tmp_path, plugin_dir,
+                                                                                 hybrid_reference):
     out = faultinject.interrupt(tmp_path / "run", plugin_dir, "hybrid", how="SIGTERM", target="rank1", at_step=6)
     assert out.rc == 143 and out.left_running == [] and out.rerun_rc == 0, out.stderr_tail
     assert out.trained == list(range(1, 11)) and out.final_step == 10 and out.survived
     ckpts = sorted(p.name for p in (out.stage_dir / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step-00000006.ckpt", "step-00000008.ckpt"]  # keep_last=2, DCP folders
     assert (out.stage_dir / "checkpoints/step-00000008.ckpt/.metadata").exists()
+    # the data position, optimizer and LR schedule continue: the run ends where the uninterrupted one does
+    assert json.loads((out.stage_dir / "metrics.json").read_text())["test"] == hybrid_reference["test"]
+
+
+def test_tensor_parallel_checkpoint_resumes_under_another_layout(tmp_path, plugin_dir, hybrid_reference):
+    """A tp=2 run stopped at step 6 finishes as one process: the DCP checkpoint is resharded on
+    load (parameter names are the whole model's) and the result is the uninterrupted tp=2 run's."""
+    out = faultinject.interrupt(tmp_path / "run", plugin_dir, "hybrid", how="SIGTERM", target="group", at_step=6,
+                                rerun_overrides=("strategy.tp=1", "trainer.devices=1"))
+    assert out.rc == 143 and out.rerun_rc == 0 and out.left_running == [], out.stderr_tail
+    assert out.final_step == 10 and out.trained == list(range(1, 11))
+    got = json.loads((out.stage_dir / "metrics.json").read_text())["test"]
+    assert got.keys() == hybrid_reference["test"].keys()
+    for key, want in hybrid_reference["test"].items():
+        assert abs(got[key] - want) <= 1e-4 * max(1.0, abs(want)), (key, got[key], want)
