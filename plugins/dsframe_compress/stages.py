@@ -268,7 +268,11 @@ def evaluate(ctx) -> dict:
         pad = getattr(getattr(dm, "tokenizer", None), "pad_token_id", None) or 0
         workloads.update({f"test_b{b}": sentence_workload(ids, b, opt.sentences, pad) for b in opt.batches})
     log.info("evaluate: latency of %d models, %s, %d repetitions", len(makers), list(workloads), opt.repeats)
-    lat = measure_latency(makers, workloads, opt.threads, opt.repeats)
+    from dsframe.progress import progress
+
+    steps = len(opt.threads) * opt.repeats * len(workloads) * len(makers)
+    with progress(f"stage {ctx.stage_name}: latency", steps) as advance:
+        lat = measure_latency(makers, workloads, opt.threads, opt.repeats, advance=advance)
     base = rows[opt.baseline]
     base["latency_ms"] = medians(lat[opt.baseline])
     for name, row in rows.items():
