@@ -86,16 +86,7 @@ class Task(pl.LightningModule):
         sampler = train_batch_sampler(self.trainer)
         loader = self.trainer.train_dataloader
         local = sampler.batch_size if sampler is not None else getattr(loader, "batch_size", None) or 1
-        return local * self._data_replicas() * self.trainer.accumulate_grad_batches
-
-    def _data_replicas(self) -> int:
-        """Ranks that read different samples: every rank under DDP, only the dp dimension under
-        tensor / pipeline parallelism (the tp and pp ranks of one replica share its batch)."""
-        try:
-            kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        except AssertionError:  # a mesh-based strategy asked before its mesh exists
-            kwargs = {}
-        return int(kwargs.get("num_replicas", self.trainer.world_size))
+        return local * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**model_inputs(batch, self._inputs))
@@ -130,7 +121,7 @@ class Task(pl.LightningModule):
             self.dropping_step = True
             zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
             return {"loss": zero, "dropped": True}
-        self.samples_seen += batch_size(batch) * self._data_replicas()
+        self.samples_seen += batch_size(batch) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
         return loss
