@@ -13,7 +13,6 @@ folder can be copied to a machine that has never seen dsframe.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -87,7 +86,3 @@ def tokenizer_agrees(tokenizer, texts: Sequence[str], tokenizer_json: Path, max_
     ours = [e.ids for e in tok.encode_batch(list(texts))]
     theirs = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return ours == [list(t) for t in theirs]
-
-
-def read_config(out_dir: Path) -> dict:
-    return json.loads((out_dir / "predict.json").read_text())
