@@ -73,12 +73,18 @@ class Task(pl.LightningModule):
         sampler = train_batch_sampler(self.trainer)
         global_batch = sampler.state_dict()["global_batch_size"] if sampler is not None else 0
         checkpoint["dsframe_progress"] = {"samples_seen": self.samples_seen, "total_samples": self.total_samples,
-                                          "lr_scale": self.lr_scale, "global_batch": global_batch}
+                                          "lr_scale": self.lr_scale, "global_batch": global_batch,
+                                          "counted": "per_replica"}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("dsframe_progress")
         if state:
             self.samples_seen, self.total_samples = int(state["samples_seen"]), int(state["total_samples"])
+            if state.get("counted") != "per_replica":
+                # written before samples were counted per data-parallel replica: every tp/pp rank
+                # was counted too. Such a checkpoint resumes in its own layout: rescale to that.
+                extra = max(1, self.trainer.world_size // self.data_replicas())
+                self.samples_seen, self.total_samples = self.samples_seen // extra, self.total_samples // extra
             self.lr_scale = float(state["lr_scale"])
             self._restored_global_batch = int(state.get("global_batch", 0))
 
@@ -86,7 +92,18 @@ class Task(pl.LightningModule):
         sampler = train_batch_sampler(self.trainer)
         loader = self.trainer.train_dataloader
         local = sampler.batch_size if sampler is not None else getattr(loader, "batch_size", None) or 1
-        return local * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return local * self.data_replicas() * self.trainer.accumulate_grad_batches
+
+    def data_replicas(self) -> int:
+        """Ranks that read different samples: every rank under DDP, only the data-parallel ones
+        under tensor / pipeline parallelism (the tp and pp ranks of one replica share its batch).
+        Counting samples by replicas keeps progress the same under any layout, so a checkpoint
+        resumes under another one with the same LR schedule."""
+        return int(getattr(self.trainer.strategy, "data_replicas", None) or self.trainer.world_size)
+
+    def count_samples(self, batch: dict) -> None:
+        """Add a trained batch (this rank's) to ``samples_seen`` for every replica."""
+        self.samples_seen += batch_size(batch) * self.data_replicas()
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**model_inputs(batch, self._inputs))
@@ -121,7 +138,7 @@ class Task(pl.LightningModule):
             self.dropping_step = True
             zero = sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
             return {"loss": zero, "dropped": True}
-        self.samples_seen += batch_size(batch) * self.trainer.world_size
+        self.count_samples(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         self.on_train_logits(logits, batch)
         return loss

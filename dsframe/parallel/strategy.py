@@ -138,6 +138,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return self._coord("tp")
 
     @property
+    def data_replicas(self) -> int:
+        """Ranks that read different samples (Task counts its progress by them)."""
+        return self.dims.dp
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # tp and pp peers read the same samples; only the dp dim splits the data
         return {"num_replicas": self.dims.dp, "rank": self.dp_rank}
@@ -282,8 +287,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         for p, g in zip(params, kept):
             p.grad = g
         # what Task.training_step does after its loss: count samples (the LR schedule runs on them), log
-        if hasattr(task, "samples_seen"):
-            task.samples_seen += batch_size(batch) * task.trainer.world_size
+        if hasattr(task, "count_samples"):
+            task.count_samples(batch)
         task.log("train/loss", loss, prog_bar=True, batch_size=batch_size(batch))
         if logits is not None:
             task.on_train_logits(logits, batch)

@@ -166,13 +166,13 @@ def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
         lay = dict(spec.layout)
         world = lay.get("dp", 1) * lay.get("tp", 1) * lay.get("pp", 1)
         strategy = HybridParallelStrategy(timeout=timedelta(seconds=spec.timeout_s), **lay)
-        devices, dp = world, lay.get("dp", 1)
+        devices = world
     else:
-        strategy, devices, dp = "auto", 1, 1
+        strategy, devices = "auto", 1
     # the task's LR schedule runs on samples over total_samples, which it reads from the loader's
     # batch size when training starts; this harness's plain DataLoader is not loaded yet then (it
-    # would read batch 1), so fix the total here, counted as the task counts (per-rank batch × world)
-    task.total_samples = spec.steps * spec.accumulate * (spec.global_batch // dp) * devices
+    # would read batch 1), so fix the total here, counted as the task counts (samples of every replica)
+    task.total_samples = spec.steps * spec.accumulate * spec.global_batch
     callbacks = [*(callbacks or []), Recorder(out)] + ([_SaveAtEnd(spec.ckpt_dir)] if spec.ckpt_dir else [])
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=spec.steps,
                          accumulate_grad_batches=spec.accumulate, use_distributed_sampler=False,
