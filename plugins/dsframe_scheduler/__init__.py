@@ -9,13 +9,17 @@ hysteresis and a cooldown). The decision is broadcast and every rank applies it:
 in place, mid-epoch; a precision or worker change by ending the stage's segment so the runner
 continues it in a new Trainer. The Q-table, ε, counters and the record live in the Lightning
 checkpoint; ``policy=PATH`` starts from a trained Q-table (e.g. learned in the simulator).
+When the state has an advice component (``bins.advice``), each decision's advice is the goodput
+advisor's next move, predicted from the step times the job measures and/or a trace
+(``advisor``, ``advisor_trace``; :mod:`dsframe_scheduler.advisor`).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 import torch
@@ -25,6 +29,7 @@ from dsframe.errors import ConfigError
 from dsframe.plugin import Plugin
 from dsframe.task import LR_RULES
 
+from dsframe_scheduler.advisor import ADVISOR_MODES
 from dsframe_scheduler.agent import (ACTIONS, PRECISIONS, REWARD_FORMS, Limits, QLearner, Setting, Signals,
                                      StateBins, allowed_actions, conservative_heuristic, decode_state,
                                      encode_state, n_states, next_setting, reward)
@@ -68,6 +73,8 @@ class SchedulerConfig:
     bins: Dict[str, Any] = field(default_factory=dict)        # StateBins overrides
     monitor: Optional[str] = None    # "module:factory" of a device monitor; null = NVML / this CPU
     oom_penalty: float = 1.0
+    advisor: str = "auto"            # the state's advice: auto (measured step times, + advisor_trace) | trace | off
+    advisor_trace: Optional[str] = None  # a trace folder (AdaptDL layout) for the advisor's step-time model
     seed: int = 0
 
     def __post_init__(self):
@@ -106,9 +113,20 @@ class SchedulerConfig:
             if action not in ACTIONS:
                 raise ConfigError(key + "forced_actions", action, f"actions among {', '.join(ACTIONS)}")
         try:
-            StateBins.from_dict(dict(self.bins))
+            bins = StateBins.from_dict(dict(self.bins))
         except ConfigError as exc:
             raise ConfigError(key + exc.key, exc.value, exc.allowed) from None
+        if self.advisor not in ADVISOR_MODES:
+            raise ConfigError(key + "advisor", self.advisor, f"one of {', '.join(ADVISOR_MODES)}")
+        if self.advisor == "trace" and not self.advisor_trace:
+            raise ConfigError(key + "advisor_trace", self.advisor_trace, "a trace folder: advisor=trace predicts "
+                              "from it alone (e.g. benchmarks/results/scheduler_profile)")
+        if self.advisor == "trace" and not bins.advice:
+            raise ConfigError(key + "advisor", self.advisor, "auto or off: the state has no advice component "
+                              "(bins.advice is false)")
+        if self.advisor_trace is not None and not (Path(str(self.advisor_trace)) / "placements.csv").is_file():
+            raise ConfigError(key + "advisor_trace", self.advisor_trace, "a trace folder with placements.csv and "
+                              "validation-<B>.csv (e.g. benchmarks/results/scheduler_profile), or null")
 
     def limits(self, start_batch: int) -> Limits:
         return Limits(min_batch=self.min_batch, max_batch=self.max_batch or max(start_batch * 64, 1024),
@@ -140,6 +158,22 @@ class SchedulerPlugin(Plugin):
         self._monitor = None
         self._noise = None
         self._oom = False
+        # the goodput advisor (the state's advice component): built at the first train start,
+        # when the guard rails are known; its measurements live in the checkpoint
+        self._prior = None
+        if self.advising and config.advisor_trace:
+            from dsframe_scheduler.advisor import load_trace_workload
+
+            self._prior = load_trace_workload(config.advisor_trace)
+        self.advisor = None
+        self._advisor_state: Optional[dict] = None
+        self._step_start: Optional[tuple] = None    # (setting, batch, perf_counter) of the step being timed
+        self._timed: Optional[Setting] = None       # the setting of the last step (its first step is not timed)
+
+    @property
+    def advising(self) -> bool:
+        """Whether decisions compute the state's advice component."""
+        return self.bins.advice and self.config.advisor != "off"
 
     # -- agent ------------------------------------------------------------------------------
     def _make_learner(self) -> QLearner:
@@ -176,9 +210,22 @@ class SchedulerPlugin(Plugin):
         self.limits = self.config.limits(setting.batch_size)
         if not self.base_batch:
             self.base_batch = setting.global_batch
+        switched = None
         if self.switch_at is not None:  # a segment switch: its cost is charged to the pending decision
-            self.restart_s += max(0.0, time.time() - self.switch_at)
+            switched = max(0.0, time.time() - self.switch_at)
+            self.restart_s += switched
             self.switch_at = None
+        if self.advising:
+            from dsframe_scheduler.advisor import OnlineAdvisor, StepTimeModel
+
+            if self.advisor is None:
+                model = StepTimeModel(self.limits, self.base_batch, prior=self._prior, mode=self.config.advisor)
+                self.advisor = OnlineAdvisor(model, self.config.lam)
+                self.advisor.load_state_dict(self._advisor_state)
+            self.advisor.model.limits = self.limits
+            if switched is not None:
+                self.advisor.model.observe_restart(switched)
+        self._step_start, self._timed = None, None   # a new Trainer: its first step is not timed
         if self.pending is not None:
             self.pending["t0"] = time.time()  # the interval's training time starts now
         self.last_decision_step = max(self.last_decision_step, trainer.global_step)
@@ -188,10 +235,22 @@ class SchedulerPlugin(Plugin):
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             self._noise.update(grads, self._setting(trainer).global_batch)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.advisor is not None and trainer.is_global_zero:   # the step time the advisor learns from
+            self._step_start = (self._setting(trainer), batch_size(batch), time.perf_counter())
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        started, self._step_start = self._step_start, None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor) or (isinstance(outputs, dict) and outputs.get("dropped")):
+            self._timed = None
             return                              # a dropped batch (out of memory): no update was made
+        if started is not None:
+            s, b, t0 = started
+            # a full batch of a setting already run (a new setting's first step warms up)
+            if b == s.batch_size and s == self._timed:
+                self.advisor.model.observe(s, time.perf_counter() - t0)
+            self._timed = s
         step, loss = trainer.global_step, float(loss.detach())
         if trainer.is_global_zero:  # the batch as trained (a resize applies from the next one)
             s, b = self._setting(trainer), batch_size(batch)
@@ -258,6 +317,12 @@ class SchedulerPlugin(Plugin):
 
     def _choose(self, trainer, pl_module, signals: Signals, old: Setting, loss: float) -> dict:
         c, now = self.config, time.time()
+        advice, goal = 0, None
+        if self.advisor is not None:            # the goodput model's next move: the state's advice
+            self.advisor.update(signals.noise_scale)
+            remaining = self._remaining(trainer, pl_module)
+            advice, goal = self.advisor.advise(old, remaining)
+            signals = replace(signals, advice=advice)
         state = encode_state(signals, old, self.bins, self.limits)
         allowed = allowed_actions(old, self.limits)
         samples = int(getattr(pl_module, "samples_seen", trainer.global_step * old.global_batch))
@@ -290,6 +355,8 @@ class SchedulerPlugin(Plugin):
             for _ in range(c.max_moves - 1):
                 if action == 0:
                     break
+                if self.advisor is not None:    # as the simulator: the advice from the chained setting
+                    signals = replace(signals, advice=self.advisor.advise(new, remaining)[0])
                 nxt = encode_state(signals, new, self.bins, self.limits)
                 allowed_nxt = allowed_actions(new, self.limits)
                 if c.learn:
@@ -300,7 +367,10 @@ class SchedulerPlugin(Plugin):
                     chain.append(ACTIONS[action])
         self.rows.append({
             "step": trainer.global_step, "epoch": trainer.current_epoch, "time_s": round(now, 3), "state": first_state,
-            "state_view": "/".join(str(v) for v in decode_state(first_state, self.bins)), "action": "+".join(chain),
+            "state_view": "/".join(str(v) for v in decode_state(first_state, self.bins)),
+            "advice": ACTIONS[advice] if self.advisor is not None else "",
+            "advice_goal": f"{goal.batch_size}/{goal.precision}/{goal.workers}" if goal is not None else "",
+            "action": "+".join(chain),
             "how": how, "reward": "" if r is None else round(r, 5), "td_error": "" if td is None else round(td, 5),
             "epsilon": round(self.learner.epsilon, 4),
             "q_values": "[" + " ".join(f"{q:.4g}" for q in self.learner.q[first_state]) + "]",
@@ -311,7 +381,8 @@ class SchedulerPlugin(Plugin):
             "loss": round(loss, 5), "lr": _lr(trainer), "restart_s": round(self.restart_s, 3)})
         metrics = {"scheduler/action": float(ACTIONS.index(chain[0])), "scheduler/epsilon": self.learner.epsilon,
                    "scheduler/global_batch": float(new.global_batch), "scheduler/workers": float(new.workers),
-                   "scheduler/low_precision": float(new.low_precision), "scheduler/state": float(state)}
+                   "scheduler/low_precision": float(new.low_precision), "scheduler/state": float(state),
+                   "scheduler/advice": float(advice)}
         if r is not None:
             metrics["scheduler/reward"] = float(r)
         for logger in trainer.loggers:
@@ -323,6 +394,14 @@ class SchedulerPlugin(Plugin):
         return {"action": "+".join(chain), "new": (new.batch_size, new.precision, new.workers)}
 
     # -- helpers ------------------------------------------------------------------------------
+    def _remaining(self, trainer, pl_module) -> float:
+        """Progress left, in steps at the first global batch (the advisor's unit): the stage's
+        samples left ÷ that batch; infinite when the task does not count samples."""
+        total, seen = int(getattr(pl_module, "total_samples", 0) or 0), int(getattr(pl_module, "samples_seen", 0) or 0)
+        if not total or not self.base_batch:
+            return float("inf")
+        return max(0, total - seen) / self.base_batch
+
     def _setting(self, trainer) -> Setting:
         from dsframe_scheduler.actions import current_setting
 
@@ -349,13 +428,17 @@ class SchedulerPlugin(Plugin):
         return {"learner": self.learner.state_dict(), "base_batch": self.base_batch,
                 "last_decision_step": self.last_decision_step, "last_change_step": self.last_change_step,
                 "forced_done": self.forced_done, "pending": self.pending, "scale": self.scale,
-                "switch_at": self.switch_at, "restart_s": self.restart_s, "rows": self.rows, "steps": self.steps}
+                "switch_at": self.switch_at, "restart_s": self.restart_s, "rows": self.rows, "steps": self.steps,
+                "advisor": self.advisor.state_dict() if self.advisor is not None else self._advisor_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"], source="checkpoint")
         for key in ("base_batch", "last_decision_step", "last_change_step", "forced_done", "pending", "scale",
                     "switch_at", "restart_s", "rows", "steps"):
             setattr(self, key, state[key])
+        self._advisor_state = state.get("advisor")   # absent in checkpoints from before the advisor
+        if self.advisor is not None:
+            self.advisor.load_state_dict(self._advisor_state)
 
 
 def _lr(trainer) -> float:

@@ -141,34 +141,58 @@ class ThresholdRule(Policy):
 class GoodputAdvisor:
     """Pollux's goodput model for what one job controls: batch size, workers and — beyond
     Pollux, so that the baseline is as strong as the Q-learner's action set — precision, with
-    the workload's precision model (``precisions=("32-true",)`` is Pollux proper). The
-    step-time model is the one fitted on the trace (Pollux fits the same form online); the
-    noise scale comes from the monitor, smoothed.
+    the workload's precision model (``precisions=("32-true",)`` is Pollux proper). The noise
+    scale comes from the monitor, smoothed.
 
-    :meth:`target` is the setting with the least predicted cost per unit of progress, if it
-    gains ≥ ``min_gain`` and pays back its restart over the rest of the job (else the current
-    one); :meth:`advice` is the first action of the ladders that leads towards it."""
+    It works on a *step-time model*: any object with ``settings()`` (the candidate settings),
+    ``step_time(setting)`` (seconds per step; NaN where it cannot predict), ``fits(setting)``,
+    ``needs_restart(a, b)``, ``limits``, ``init_batch`` (the batch B0 progress is counted in)
+    and ``restart_seconds``. In the simulator that is the :class:`Workload` fitted on the trace
+    (:meth:`reset` takes a :class:`ClusterSim`); online it is
+    :class:`dsframe_scheduler.advisor.StepTimeModel`, the same fitted form from a trace and/or the
+    job's own measured step times (:meth:`start`, :meth:`refresh`). Pollux fits the same form online.
+
+    :meth:`goal` is the setting with the least predicted cost per unit of progress, if it
+    gains ≥ ``min_gain`` and pays back its restart over the ``remaining`` progress (else the
+    current one); :meth:`advise` is the first action of the ladders that leads towards it.
+    :meth:`target` and :meth:`advice` are the same on a simulated job."""
 
     def __init__(self, min_gain: float = 0.05, smoothing: float = 0.5, precisions=None):
         self.min_gain, self.smoothing = min_gain, smoothing
         self.precisions = None if precisions is None else tuple(precisions)
+        self.b_noise = None
 
     def reset(self, sim: ClusterSim, lam: float) -> None:
-        w = sim.w
+        self.start(sim.w, lam)
+
+    def start(self, model, lam: float) -> None:
+        """A new job on ``model`` at price λ: the smoothed noise scale starts afresh."""
         self.lam, self.b_noise = lam, None
-        self.candidates = [s for s in w.settings() if self.precisions is None or s.precision in self.precisions]
+        self.refresh(model)
+
+    def refresh(self, model) -> None:
+        """(Re)read the candidates' step times (online the model learns as the job runs)."""
+        self.model = model
+        lam = self.lam
+        cands = [s for s in model.settings() if self.precisions is None or s.precision in self.precisions]
+        step = np.array([model.step_time(s) for s in cands], dtype=float)
+        keep = np.isfinite(step)                             # a simulated workload predicts every one
+        if not keep.all():
+            cands, step = [s for s, k in zip(cands, keep) if k], step[keep]
+        self.candidates = cands
         self._index = {(s.batch_size, s.precision, s.workers): i for i, s in enumerate(self.candidates)}
-        self._step = np.array([w.step_time(s) for s in self.candidates])
-        self._scale = np.array([s.global_batch / w.stat.init_batch for s in self.candidates], dtype=float)
+        self._step = step
+        self._scale = np.array([s.global_batch / model.init_batch for s in self.candidates], dtype=float)
         self._price = np.array([s.workers + lam for s in self.candidates], dtype=float)
 
     def update(self, noise_scale: float) -> None:
         self.b_noise = noise_scale if self.b_noise is None else \
             self.smoothing * self.b_noise + (1 - self.smoothing) * noise_scale
 
-    def costs(self, w: Workload) -> np.ndarray:
-        """Predicted cost per unit of progress of every candidate setting."""
-        phi = self.b_noise / w.stat.init_batch            # = grad_var / grad_sqr
+    def costs(self, w=None) -> np.ndarray:
+        """Predicted cost per unit of progress of every candidate setting (``w``: unused, the
+        model given to :meth:`start`)."""
+        phi = self.b_noise / self.model.init_batch        # = grad_var / grad_sqr
         if not np.isfinite(phi):                          # no measurable gradient signal: linear scaling
             gain = self._scale
         else:
@@ -176,46 +200,58 @@ class GoodputAdvisor:
                            np.maximum(1.0, self._scale))
         return self._step / gain * self._price
 
-    def cost_of(self, w: Workload, s: Setting, costs: Optional[np.ndarray] = None) -> float:
+    def cost_of(self, w, s: Setting, costs: Optional[np.ndarray] = None) -> float:
         i = self._index.get((s.batch_size, s.precision, s.workers))
         if i is None:                                       # outside the candidates: compute it
-            phi, scale = self.b_noise / w.stat.init_batch, s.global_batch / w.stat.init_batch
+            m = self.model
+            phi, scale = self.b_noise / m.init_batch, s.global_batch / m.init_batch
             gain = scale if not np.isfinite(phi) else (phi + 1.0) / (phi / scale + 1.0)
-            return w.step_time(s) / gain * (s.workers + self.lam)
-        return float((self.costs(w) if costs is None else costs)[i])
+            return m.step_time(s) / gain * (s.workers + self.lam)
+        return float((self.costs() if costs is None else costs)[i])
 
-    def target(self, sim: ClusterSim, setting: Optional[Setting] = None) -> Setting:
-        w, cur = sim.w, setting or sim.setting
-        costs = self.costs(w)
-        best = self.candidates[int(np.argmin(costs))]
-        now, new = self.cost_of(w, cur, costs), float(costs.min())
-        if best == cur or new > now * (1 - self.min_gain):
+    def goal(self, cur: Setting, remaining: float) -> Setting:
+        """Where the goodput model would go from ``cur`` with ``remaining`` progress (in steps
+        at ``init_batch``) left: ``cur`` itself when no move pays."""
+        if self.b_noise is None or not self.candidates:     # no noise scale measured, nothing predicted
             return cur
-        remaining = sim.bounds[-1] - sim.progress
-        restart = w.spec.restart_seconds * (best.workers + self.lam) if w.needs_restart(cur, best) else 0.0
+        m = self.model
+        costs = self.costs()
+        best = self.candidates[int(np.argmin(costs))]
+        now, new = self.cost_of(m, cur, costs), float(costs.min())
+        if not np.isfinite(now) or best == cur or new > now * (1 - self.min_gain):
+            return cur
+        restart = m.restart_seconds * (best.workers + self.lam) if m.needs_restart(cur, best) else 0.0
         return cur if (now - new) * remaining <= restart else best
 
-    def advice(self, sim: ClusterSim, allowed, setting: Optional[Setting] = None) -> int:
-        """The allowed action that moves towards :meth:`target` with the least predicted cost
-        (from ``setting``, default the job's current one)."""
-        cur = setting or sim.setting
-        goal = self.target(sim, cur)
+    def advise(self, cur: Setting, allowed, remaining: float) -> int:
+        """The allowed action from ``cur`` that moves towards :meth:`goal` with the least
+        predicted cost (an index in ACTIONS; 0 = keep)."""
+        goal = self.goal(cur, remaining)
         if goal == cur:
             return 0
-        w, costs = sim.w, self.costs(sim.w)
+        m = self.model
+        costs = self.costs()
         best, best_cost = 0, float("inf")
         for a in range(1, len(ACTIONS)):
             if not allowed[a]:
                 continue
-            nxt = next_setting(cur, a, w.limits)
+            nxt = next_setting(cur, a, m.limits)
             closer = (abs(np.log2(nxt.batch_size / goal.batch_size)) < abs(np.log2(cur.batch_size / goal.batch_size))
                       or (nxt.precision == goal.precision != cur.precision)
                       or abs(np.log2(nxt.workers / goal.workers)) < abs(np.log2(cur.workers / goal.workers)))
-            if closer and w.fits(nxt):
-                c = self.cost_of(w, nxt, costs)
+            if closer and m.fits(nxt):
+                c = self.cost_of(m, nxt, costs)
                 if c < best_cost:
                     best, best_cost = a, c
         return best
+
+    def target(self, sim: ClusterSim, setting: Optional[Setting] = None) -> Setting:
+        """:meth:`goal` on a simulated job (its progress left)."""
+        return self.goal(setting or sim.setting, sim.bounds[-1] - sim.progress)
+
+    def advice(self, sim: ClusterSim, allowed, setting: Optional[Setting] = None) -> int:
+        """:meth:`advise` on a simulated job, from ``setting`` (default the job's current one)."""
+        return self.advise(setting or sim.setting, allowed, sim.bounds[-1] - sim.progress)
 
 
 class GoodputRule(Policy):

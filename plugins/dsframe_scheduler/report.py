@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dsframe.io import atomic_write
 
-DECISION_FIELDS = ("step", "epoch", "time_s", "state", "state_view", "action", "how", "reward", "td_error",
+DECISION_FIELDS = ("step", "epoch", "time_s", "state", "state_view", "advice", "advice_goal", "action", "how", "reward", "td_error",
                    "epsilon", "q_values", "batch_size", "precision", "workers", "new_batch_size",
                    "new_precision", "new_workers", "applied", "utilisation", "free_memory", "comm_latency_ms",
                    "noise_scale", "loss", "lr", "restart_s")

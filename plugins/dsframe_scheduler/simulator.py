@@ -435,7 +435,16 @@ class Workload:
                           "source": f"measured: median of {len(ratios)} step pairs in {t.folder.name}"}
         return out
 
-    # -- the deterministic cost model
+    # -- the deterministic cost model (also the goodput advisor's step-time model)
+    @property
+    def init_batch(self) -> int:
+        """B0: the batch progress is counted in (the smallest validation run's)."""
+        return self.stat.init_batch
+
+    @property
+    def restart_seconds(self) -> float:
+        return self.spec.restart_seconds
+
     def nodes_of(self, workers: int) -> int:
         return math.ceil(workers / self.gpus_per_node)
 
