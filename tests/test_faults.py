@@ -5,11 +5,17 @@ what happened (143 SIGTERM, 130 SIGINT, non-zero otherwise), and rerunning the s
 finishes the stage: global step continues, at most one checkpoint interval is retrained, and a
 single-process run ends exactly where an uninterrupted one does (same losses, same test metrics)."""
 import json
+import math
 import signal
 
+import lightning.pytorch as pl
 import pytest
+import torch
 
 from dsframe import faultinject
+from dsframe.parallel.testing import RunSpec, run
+from dsframe.resilience import StageGuard
+from dsframe.resilience_config import CheckpointConfig, NonFiniteLossConfig
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +125,39 @@ def test_tensor_parallel_checkpoint_resumes_under_another_layout(tmp_path, plugi
     assert got.keys() == hybrid_reference["test"].keys()
     for key, want in hybrid_reference["test"].items():
         assert abs(got[key] - want) <= 1e-4 * max(1.0, abs(want)), (key, got[key], want)
+
+
+class _NaNActivationsAt(pl.Callback):
+    """Every Linear layer of this rank outputs NaN during one step (all of a pipeline's stages)."""
+
+    def __init__(self, step: int):
+        self.step, self.handles = step, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.handles = [m.register_forward_hook(lambda _m, _i, out: out * float("nan"))
+                            for m in pl_module.modules() if isinstance(m, torch.nn.Linear)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_policy_holds_under_a_pipeline(tmp_path, policy):
+    """pp=2: the loss exists on the last stage only; the strategy broadcasts it, so every rank
+    stops (stop) or drops that update (skip: without the check the NaN gradients would be applied
+    and every weight would end NaN)."""
+    guard = StageGuard(tmp_path / "stage", "fit", 0, CheckpointConfig(every_minutes=None),
+                       NonFiniteLossConfig(policy=policy, max_skips=1))
+    spec = RunSpec(layout=dict(pp=2, micro_batches=2), steps=5)
+    out = str(tmp_path / "r.pt")
+    if policy == "stop":
+        with pytest.raises(Exception, match="training loss is nan at step 2"):
+            run(spec, out, callbacks=[_NaNActivationsAt(2), guard])
+        return
+    result = run(spec, out, callbacks=[_NaNActivationsAt(2), guard])
+    losses = result["losses"]
+    assert len(losses) == 5 and math.isnan(losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses) if i != 2)
+    assert all(bool(torch.isfinite(v).all()) for v in result["params"].values())
