@@ -88,7 +88,7 @@ class ParallelDims:
         if self.world_size != world_size:
             raise ConfigError(
                 "strategy", f"dp={self.dp} tp={self.tp} pp={self.pp}",
-                f"dp·tp·pp must equal the world size {world_size} (devices × num_nodes); "
+                f"dp·tp·pp must equal the world size {world_size} (trainer.devices × trainer.num_nodes); "
                 f"here it is {self.world_size}")
 
     def validate_model(self, *, units: int, divisible: dict[str, int] | None = None,
