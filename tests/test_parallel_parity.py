@@ -101,38 +101,6 @@ def test_gradient_clipping_uses_the_whole_model_norm(layout, clipped_reference, 
     check(run(spec, str(tmp_path / "r.pt")), clipped_reference, spec)
 
 
-TORCHRUN_SCRIPT = """
-import sys, torch
-torch.set_num_threads(1)
-from dsframe.parallel.testing import RunSpec, run
-r = run(RunSpec(layout=dict(tp=2), timeout_s=60), sys.argv[1])
-if r:
-    torch.save(r, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_torchrun_launched_ranks(reference, tmp_path):
-    """Ranks started by torchrun (not forked by Lightning): Lightning's environment detection + the strategy."""
-    import socket
-    import subprocess
-    import sys
-
-    script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "r.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", str(script), str(out)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = torch.load(out, weights_only=True)
-    assert max_abs_diff(res["params"], reference[1]["params"]) <= TOL
-    assert max(abs(a - b) for a, b in zip(res["losses"], reference[1]["losses"])) <= TOL
-
-
 @pytest.mark.slow
 def test_parity_check_catches_a_missing_gradient_sync(reference, tmp_path, monkeypatch):
     """The comparison is sharp enough to fail: forked ranks inherit a strategy that skips the dp sync."""
