@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 import torch
@@ -29,7 +28,7 @@ from dsframe.errors import ConfigError
 from dsframe.plugin import Plugin
 from dsframe.task import LR_RULES
 
-from dsframe_scheduler.advisor import ADVISOR_MODES
+from dsframe_scheduler.advisor import ADVISOR_MODES, check_trace_folder
 from dsframe_scheduler.agent import (ACTIONS, PRECISIONS, REWARD_FORMS, Limits, QLearner, Setting, Signals,
                                      StateBins, allowed_actions, conservative_heuristic, decode_state,
                                      encode_state, n_states, next_setting, reward)
@@ -124,9 +123,8 @@ class SchedulerConfig:
         if self.advisor == "trace" and not bins.advice:
             raise ConfigError(key + "advisor", self.advisor, "auto or off: the state has no advice component "
                               "(bins.advice is false)")
-        if self.advisor_trace is not None and not (Path(str(self.advisor_trace)) / "placements.csv").is_file():
-            raise ConfigError(key + "advisor_trace", self.advisor_trace, "a trace folder with placements.csv and "
-                              "validation-<B>.csv (e.g. benchmarks/results/scheduler_profile), or null")
+        if self.advisor_trace is not None:
+            check_trace_folder(self.advisor_trace, key + "advisor_trace")
 
     def limits(self, start_batch: int) -> Limits:
         return Limits(min_batch=self.min_batch, max_batch=self.max_batch or max(start_batch * 64, 1024),

@@ -31,10 +31,19 @@ import numpy as np
 from dsframe.errors import ConfigError, DsframeError
 from dsframe_scheduler.agent import Limits, Setting, next_setting
 
-__all__ = ["StepTimeModel", "OnlineAdvisor", "load_trace_workload", "ADVISOR_MODES"]
+__all__ = ["StepTimeModel", "OnlineAdvisor", "check_trace_folder", "load_trace_workload", "ADVISOR_MODES"]
 
 ADVISOR_MODES = ("auto", "off", "trace")
 DEFAULT_RESTART_SECONDS = 5.0      # a segment switch before one was measured (and without a trace)
+
+
+def check_trace_folder(folder, key: str = "plugins.scheduler.advisor_trace") -> Path:
+    """``folder`` as a Path if it holds a trace's placements.csv, else a one-line ConfigError."""
+    path = Path(str(folder))
+    if not (path / "placements.csv").is_file():
+        raise ConfigError(key, folder, "a trace folder with placements.csv and validation-<B>.csv "
+                          "(e.g. benchmarks/results/scheduler_profile), or null")
+    return path
 
 
 def load_trace_workload(folder, key: str = "plugins.scheduler.advisor_trace"):
@@ -42,10 +51,7 @@ def load_trace_workload(folder, key: str = "plugins.scheduler.advisor_trace"):
     is a one-line :class:`ConfigError` naming ``key``."""
     from dsframe_scheduler.simulator import Workload, read_trace
 
-    path = Path(folder)
-    if not (path / "placements.csv").is_file():
-        raise ConfigError(key, str(folder), "a trace folder with placements.csv and validation-<B>.csv "
-                          "(e.g. benchmarks/results/scheduler_profile), or null")
+    path = check_trace_folder(folder, key)
     try:
         return Workload(read_trace(path), holdout_every=0)
     except DsframeError as exc:
