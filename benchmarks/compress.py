@@ -179,7 +179,7 @@ def int8_paths(run_dir: Path, reps: int) -> dict:
     """The QAT model through each int8 runtime at 1 thread (same weights; no vocabulary pruning)."""
     import copy
 
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
     from dsframe_compress.int8 import export_int8, torch_dynamic_int8
     from dsframe_compress.measure import fixed_workload, measure_latency, medians, ort_runner, torch_runner
 
@@ -210,12 +210,12 @@ def bert_base_shape(run_dir: Path, dm, reps: int) -> dict:
     from omegaconf import OmegaConf
     from transformers import BertConfig, BertModel
 
-    from dsframe.models import read_model_file
+    from dsframe.models.files import read_model_file
     from dsframe.models.bert import BertClassifier
     from dsframe_compress.int8 import export_int8
     from dsframe_compress.measure import fixed_workload, measure_latency, medians, ort_runner, size_mb, torch_runner
     from dsframe_compress.stages import used_token_ids
-    from dsframe_prune import PruneConfig, PrunePlugin
+    from dsframe_prune.plugin import PruneConfig, PrunePlugin
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     # the run's prune options; layers are dropped below by position (no data to score them)

@@ -28,7 +28,7 @@ def main() -> int:
 
     from dsframe.io import write_json, write_text
     from dsframe.machine import machine_info
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
     from dsframe_compress.int8 import OrtModel, export_int8
     from dsframe_compress.measure import (fixed_workload, measure_latency, medians, ort_runner,
                                           sentence_workload, size_mb)

@@ -13,7 +13,7 @@ _EXPORTS = {
     "DsframeError": "dsframe.errors", "ConfigError": "dsframe.errors", "CheckpointError": "dsframe.errors",
     "Plugin": "dsframe.plugin", "StageContext": "dsframe.plugin", "NoOptions": "dsframe.plugin",
     "StrategyFactory": "dsframe.strategies",
-    "save_model": "dsframe.models", "load_model": "dsframe.models",
+    "save_model": "dsframe.models.files", "load_model": "dsframe.models.files",
     "batch_size": "dsframe.batch", "call_model": "dsframe.batch", "model_inputs": "dsframe.batch",
 }
 __all__ = [*_EXPORTS, "__version__"]

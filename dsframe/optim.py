@@ -8,6 +8,7 @@ from dsframe.errors import ConfigError
 
 #: the task kinds a recipe may name (``recipe.task``); ``dsframe.task.TASKS`` holds their classes
 TASK_KINDS = ("classification", "lm")
+LR_RULES = ("none", "linear", "sqrt", "adascale")  # how the LR follows a changed global batch
 
 
 @dataclass

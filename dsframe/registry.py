@@ -3,6 +3,12 @@
 Every extension point (plugins, models, data, strategies, recipes, stages, encoders) is an
 entry-point group ``dsframe.<kind>``. First-party components register exactly the way an
 outside package does, in its own ``pyproject.toml``; nothing here knows any of them.
+
+A component's options (its ``Config`` dataclass) may also be registered, under the same name,
+in the group ``dsframe.configs.<kind>``, pointing into a module that imports neither torch nor
+Lightning: the config is then checked without importing the component (a wrong option is
+reported in about a second instead of ten). Without that entry the component itself is imported
+and its ``Config`` attribute used.
 """
 from __future__ import annotations
 
@@ -24,30 +30,47 @@ class BrokenEntry:
     error: str
 
 
+def _entry(group: str, name: str) -> Any:
+    """The entry point ``name`` of ``group`` (the last one installed wins), or None."""
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    return found[-1] if found else None
+
+
 class Registry:
-    """Lazily loads the entry points of one group; ``register`` adds in-process entries."""
+    """Loads the entry points of one group, each only when asked for; ``register`` adds
+    in-process entries."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self.group = f"dsframe.{kind}"
-        self._loaded: dict[str, Any] | None = None
+        self._imported: dict[str, Any] = {}  # name -> component, or None when its import failed
         self._broken: dict[str, BrokenEntry] = {}
         self._extra: dict[str, Any] = {}
+        self._configs: dict[str, Any] = {}
 
     def register(self, name: str, obj: Any) -> Any:
         self._extra[name] = obj
         return obj
 
+    def installed(self) -> list[str]:
+        """Installed and registered names, without importing any component."""
+        return sorted({ep.name for ep in entry_points(group=self.group)} | set(self._extra))
+
+    def _import(self, name: str) -> Any:
+        """The installed component ``name``, imported once; None (kept in ``_broken``) if its import fails."""
+        if name not in self._imported:
+            ep = _entry(self.group, name)
+            try:
+                self._imported[name] = ep.load()
+            except Exception as exc:  # any import-time failure of a third-party package
+                self._broken[name] = BrokenEntry(name, ep.value, f"{type(exc).__name__}: {exc}")
+                self._imported[name] = None
+        return self._imported[name]
+
     def _load(self) -> dict[str, Any]:
-        if self._loaded is None:
-            loaded: dict[str, Any] = {}
-            for ep in entry_points(group=self.group):
-                try:
-                    loaded[ep.name] = ep.load()
-                except Exception as exc:  # any import-time failure of a third-party package
-                    self._broken[ep.name] = BrokenEntry(ep.name, ep.value, f"{type(exc).__name__}: {exc}")
-            self._loaded = loaded
-        return {**self._loaded, **self._extra}
+        for name in {ep.name for ep in entry_points(group=self.group)}:
+            self._import(name)
+        return {**{n: obj for n, obj in self._imported.items() if obj is not None}, **self._extra}
 
     def names(self) -> list[str]:
         return sorted(self._load())
@@ -56,19 +79,46 @@ class Registry:
         self._load()
         return [b for n, b in sorted(self._broken.items()) if n not in self._extra]
 
+    def require(self, name: Any, key: str | None = None) -> None:
+        """Raise the ConfigError ``get`` would for a name that is not installed, without importing
+        anything (an entry that fails to import is reported when it is used)."""
+        known = self.installed()
+        if not isinstance(name, str) or name not in known:
+            what = "a name: one of" if not isinstance(name, str) else "one of"
+            raise ConfigError(key or self.kind, name, f"{what} {', '.join(known) or '(none installed)'}")
+
     def get(self, name: str, key: str | None = None) -> Any:
-        """The component called ``name``; ``key`` is the config key to blame if it is unknown."""
-        available = self._load()
-        if not isinstance(name, str):
-            raise ConfigError(key or self.kind, name, f"a name: one of {', '.join(sorted(available)) or '(none installed)'}")
-        if name in available:
-            return available[name]
-        key = key or self.kind
-        if name in self._broken:
+        """The component called ``name`` (only it is imported); ``key`` is the config key to blame."""
+        self.require(name, key)
+        if name in self._extra:
+            return self._extra[name]
+        component = self._import(name)
+        if component is None:
             b = self._broken[name]
-            raise ConfigError(key, name, f"{self.kind[:-1] if self.kind.endswith('s') else self.kind} "
+            raise ConfigError(key or self.kind, name, f"{self.kind[:-1] if self.kind.endswith('s') else self.kind} "
                               f"'{name}' is installed but failed to import ({b.target}): {b.error}")
-        raise ConfigError(key, name, f"one of {', '.join(sorted(available)) or '(none installed)'}")
+        return component
+
+    def has_registered_config(self, name: str) -> bool:
+        """Whether ``name``'s Config is registered in ``dsframe.configs.<kind>`` (and imports)."""
+        return name not in self._extra and self._registered_config(name) is not None
+
+    def _registered_config(self, name: str) -> Any:
+        if name not in self._configs:
+            ep = _entry(f"dsframe.configs.{self.kind}", name)
+            try:
+                self._configs[name] = ep.load() if ep is not None else None
+            except Exception:  # get() reports the component's own import error
+                self._configs[name] = None
+        return self._configs[name]
+
+    def config_class(self, name: str, key: str | None = None) -> Any:
+        """The ``Config`` dataclass of component ``name`` (None if it takes no options): from
+        ``dsframe.configs.<kind>`` when the package registers it there, else from the component."""
+        self.require(name, key)
+        if self.has_registered_config(name):
+            return self._registered_config(name)
+        return getattr(self.get(name, key), "Config", None)
 
     def describe(self) -> list[tuple[str, str]]:
         """(name, one-line description) for every loadable entry."""

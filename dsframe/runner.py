@@ -25,7 +25,7 @@ from dsframe.config.schema import RunSpec
 from dsframe.errors import CheckpointError, ConfigError, DsframeError
 from dsframe.io import write_json, write_text
 from dsframe.loggers import extra_loggers
-from dsframe.models import file_size_mb, load_model, save_model
+from dsframe.models.files import file_size_mb, load_model, save_model
 from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
 from dsframe.resilience import (INTERRUPT_FILE, ContinuingCSVLogger, Interrupted, StageGuard, clear_pending_signal,
                                 defer_signals, interval_checkpoints, pending_signal, raise_on_signals)

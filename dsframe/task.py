@@ -15,9 +15,9 @@ import torchmetrics
 from torch import nn
 
 from dsframe.batch import accepted_inputs, batch_size, model_inputs
-from dsframe.data import sync_epoch_length, train_batch_sampler
+from dsframe.data.loaders import sync_epoch_length, train_batch_sampler
 from dsframe.errors import ConfigError
-from dsframe.optim import OptimConfig  # noqa: F401  (re-exported: dsframe.task.OptimConfig)
+from dsframe.optim import LR_RULES, OptimConfig  # noqa: F401  (OptimConfig re-exported: dsframe.task.OptimConfig)
 from dsframe.plugin import Plugin
 
 
@@ -244,9 +244,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-LR_RULES = ("none", "linear", "sqrt", "adascale")
 
 
 def lr_scale_for(rule: str, batch: int, base_batch: int, noise_scale: float = 0.0) -> float:

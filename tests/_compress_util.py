@@ -40,14 +40,14 @@ def logits(model, b: dict) -> torch.Tensor:
 def ensure_compress_registered() -> None:
     """Register the compression plugins and stages in-process when their entry points are not
     installed (a source checkout without ``pip install -e .``); installed ones are left alone."""
-    import dsframe_distill
-    import dsframe_prune
-    import dsframe_qat
+    import dsframe_distill.plugin
+    import dsframe_prune.plugin
+    import dsframe_qat.plugin
     from dsframe_compress import stages
 
     ensure_bert_registered()
-    for name, obj in (("prune", dsframe_prune.PrunePlugin), ("qat", dsframe_qat.QATPlugin),
-                      ("distill", dsframe_distill.DistillPlugin)):
+    for name, obj in (("prune", dsframe_prune.plugin.PrunePlugin), ("qat", dsframe_qat.plugin.QATPlugin),
+                      ("distill", dsframe_distill.plugin.DistillPlugin)):
         if name not in registry.plugins.names():
             registry.plugins.register(name, obj)
     for name, obj in (("compress_export", stages.export), ("compress_evaluate", stages.evaluate),

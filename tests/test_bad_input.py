@@ -98,7 +98,7 @@ def test_distributed_checkpoint_folder_is_read_as_one(tmp_path):
 
 
 def test_init_from_another_architecture_is_named(compose, tmp_path):
-    from dsframe.models import save_model
+    from dsframe.models.files import save_model
     from dsframe.models.gpt import GPT, GPTConfig
 
     cfg = compose(*TINY, "+recipe.stages.second.init_from=finetune")

@@ -11,8 +11,8 @@ import torch
 from dsframe.errors import CheckpointError, ConfigError
 from dsframe_compress.int8 import OrtModel, export_int8, torch_dynamic_int8
 from dsframe_compress.measure import size_mb
-from dsframe_prune import PruneConfig, PrunePlugin
-from dsframe_qat import QatConfig, QATPlugin
+from dsframe_prune.plugin import PruneConfig, PrunePlugin
+from dsframe_qat.plugin import QatConfig, QATPlugin
 from dsframe_qat.scheme import saturates
 
 from tests._compress_util import batch, ensure_compress_registered, logits, tiny_bert
@@ -144,7 +144,7 @@ def test_bert_compress_debug_end_to_end(tmp_path):
     from onnx import numpy_helper
 
     from dsframe.machine import cpu_model
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
     from dsframe_qat.scheme import choose_scheme
 
     results = _run(tmp_path, *FAST_EVAL)
@@ -230,7 +230,7 @@ def test_bad_prune_amount_fails_before_anything_runs(tmp_path):
 
 
 def test_teacher_of_another_architecture_fails_the_stage_cleanly(tmp_path):
-    from dsframe.models import save_model
+    from dsframe.models.files import save_model
 
     other = save_model(tiny_bert(num_labels=3), tmp_path / "other_teacher.pt")
     with pytest.raises(CheckpointError, match="another architecture"):
@@ -296,12 +296,12 @@ def test_plugin_yaml_equals_dataclass_defaults(name):
 
     from omegaconf import OmegaConf
 
-    import dsframe_distill
-    import dsframe_prune
-    import dsframe_qat
+    import dsframe_distill.plugin
+    import dsframe_prune.plugin
+    import dsframe_qat.plugin
 
-    cls = {"prune": dsframe_prune.PrunePlugin, "qat": dsframe_qat.QATPlugin,
-           "distill": dsframe_distill.DistillPlugin}[name]
+    cls = {"prune": dsframe_prune.plugin.PrunePlugin, "qat": dsframe_qat.plugin.QATPlugin,
+           "distill": dsframe_distill.plugin.DistillPlugin}[name]
     path = Path(__file__).resolve().parents[1] / "dsframe" / "conf" / "plugins" / f"{name}.yaml"
     assert path.read_text().startswith(f"# @package plugins.{name}\n")
     assert OmegaConf.to_container(OmegaConf.load(path)) == dataclasses.asdict(cls.Config())

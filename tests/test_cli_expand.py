@@ -50,7 +50,7 @@ def test_cli_adds_a_plugin_to_a_stage_and_sets_its_options(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     from omegaconf import OmegaConf
 
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
 
     cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert cfg.plugins.prune.amount == 0.5 and cfg.plugins.prune.taylor_decay == 0.9  # set + from prune.yaml

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dsframe.errors import CheckpointError, ConfigError
-from dsframe.models import save_model
-from dsframe_distill import DistillConfig, DistillPlugin, distill_loss
+from dsframe.models.files import save_model
+from dsframe_distill.plugin import DistillConfig, DistillPlugin, distill_loss
 
 from tests._compress_util import batch, ensure_bert_registered, logits, tiny_bert
 
@@ -81,9 +81,9 @@ def _hidden(model, b) -> tuple:
 def test_hidden_state_term_pairs_each_student_layer_with_the_teacher_layer_it_came_from(tmp_path):
     import copy
 
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
     from dsframe_compress import structure as S
-    from dsframe_distill import layer_pairs, masked_mse
+    from dsframe_distill.plugin import layer_pairs, masked_mse
 
     ensure_bert_registered()
     teacher = tiny_bert(seed=1, layers=4)

@@ -20,7 +20,7 @@ def test_committed_config_pages_match_the_code(pages):
 
 
 def test_pages_hold_every_option_with_its_check(pages, monkeypatch, tmp_path, capsys):
-    from dsframe_prune import PruneConfig
+    from dsframe_prune.plugin import PruneConfig
 
     for f in dataclasses.fields(PruneConfig):
         assert f"`plugins.prune.{f.name}`" in pages["plugins.md"]

@@ -57,7 +57,7 @@ def test_loss_chain_matches_hand_computation(labelsmooth):
     """Listed after distill, labelsmooth runs first and smooths distill's hard-label term:
     α·KL·τ² + (1−α)·((1−ε)·CE + ε·mean_c(−log p_c)), each piece written out by hand here."""
     from dsframe.plugin import order_plugins
-    from dsframe_distill import DistillConfig, DistillPlugin
+    from dsframe_distill.plugin import DistillConfig, DistillPlugin
 
     torch.manual_seed(0)
     distill = DistillPlugin(DistillConfig(temperature=2.0, alpha=0.3))

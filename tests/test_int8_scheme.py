@@ -12,7 +12,7 @@ import torch
 import dsframe.machine
 from dsframe.errors import ConfigError
 from dsframe_compress.int8 import OrtModel, export_int8, read_metadata
-from dsframe_qat import QatConfig, QATPlugin, prepare_qat
+from dsframe_qat.plugin import QatConfig, QATPlugin, prepare_qat
 from dsframe_qat import scheme as S
 
 from tests._compress_util import batch, tiny_bert

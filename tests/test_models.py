@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dsframe.errors import CheckpointError
-from dsframe.models import load_model, save_model
+from dsframe.models.files import load_model, save_model
 from dsframe.models.bert import BertClassifier, BertConfig, layer_heads
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)

@@ -22,7 +22,7 @@ from dsframe import Plugin, registry
 from dsframe.config import validate
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError, DsframeError
-from dsframe.models import load_model, save_model
+from dsframe.models.files import load_model, save_model
 from dsframe.plugin import StageContext
 from dsframe.runner import Runner
 from dsframe_multimodal.fusion import (GMU, ConcatFusion, CrossModalAttention, MeanFusion, SigmoidGate, SoftmaxGate,
@@ -606,7 +606,7 @@ def test_fused_model_trains_under_ddp_with_two_forked_ranks(synth_run, tmp_path)
 def test_fused_student_distils_from_a_fused_teacher(synth_run, tmp_path):
     """A wide teacher stage, then a narrower student stage (a stage-level model override) trained
     with the distill plugin on logits; its loss is the hand formula on the teacher's logits."""
-    from dsframe_distill import DistillConfig, DistillPlugin
+    from dsframe_distill.plugin import DistillConfig, DistillPlugin
 
     spec = synth_run("model.width=64",
                      "+recipe.stages.student.plugins=[distill]", "+recipe.stages.student.model.width=32",

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dsframe.errors import CheckpointError, ConfigError
-from dsframe.models import load_model, save_model
+from dsframe.models.files import load_model, save_model
 from dsframe_compress import structure as S
-from dsframe_prune import PruneConfig, PrunePlugin, cubic_schedule
+from dsframe_prune.plugin import PruneConfig, PrunePlugin, cubic_schedule
 
 from tests._compress_util import batch, ensure_bert_registered, logits, tiny_bert
 

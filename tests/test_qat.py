@@ -10,7 +10,7 @@ from torch import nn
 
 from dsframe.errors import ConfigError
 from dsframe_compress import structure as S
-from dsframe_qat import QatConfig, QATPlugin, prepare_qat
+from dsframe_qat.plugin import QatConfig, QATPlugin, prepare_qat
 
 from tests._compress_util import batch, ensure_bert_registered, logits, tiny_bert
 
@@ -85,11 +85,11 @@ def test_prune_qat_distill_in_one_stage_any_order(tmp_path, order):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from dsframe.models import load_model, save_model
+    from dsframe.models.files import load_model, save_model
     from dsframe.plugin import order_plugins
     from dsframe.task import ClassificationTask
-    from dsframe_distill import DistillConfig, DistillPlugin
-    from dsframe_prune import PruneConfig, PrunePlugin
+    from dsframe_distill.plugin import DistillConfig, DistillPlugin
+    from dsframe_prune.plugin import PruneConfig, PrunePlugin
 
     ensure_bert_registered()
     teacher_path = save_model(tiny_bert(seed=5), tmp_path / "teacher.pt")

@@ -8,7 +8,7 @@ import torch
 from dsframe import Plugin, registry
 from dsframe.config import validate
 from dsframe.errors import CheckpointError, DsframeError
-from dsframe.models import load_model
+from dsframe.models.files import load_model
 from dsframe.plugin import order_plugins
 from dsframe.runner import Runner
 

@@ -13,7 +13,7 @@ import torch
 from dsframe.config import validate
 from dsframe.errors import ConfigError
 from dsframe.runner import Runner
-from dsframe_scheduler import SchedulerConfig, SchedulerPlugin
+from dsframe_scheduler.plugin import SchedulerConfig, SchedulerPlugin
 from dsframe_scheduler.advisor import OnlineAdvisor, StepTimeModel, load_trace_workload
 from dsframe_scheduler.agent import ACTIONS, Limits, Setting, allowed_actions
 from dsframe_scheduler.policies import GoodputAdvisor

@@ -20,7 +20,7 @@ from dsframe.config import validate
 from dsframe.errors import ConfigError
 from dsframe.runner import Runner
 from dsframe.task import lr_scale_for
-from dsframe_scheduler import SchedulerConfig, SchedulerPlugin
+from dsframe_scheduler.plugin import SchedulerConfig, SchedulerPlugin
 from dsframe_scheduler.agent import ACTIONS, QLearner, StateBins, n_states
 from dsframe_scheduler.signals import GradientNoiseScale, LocalMonitor, comm_latency_ms
 

@@ -11,7 +11,7 @@ import torch
 
 from dsframe import Plugin, registry
 from dsframe.config import validate
-from dsframe.data import EpochSampler, ResizableBatchSampler
+from dsframe.data.loaders import EpochSampler, ResizableBatchSampler
 from dsframe.runner import Runner
 
 # 128 samples, batch 16: 8 steps an epoch, 2 epochs

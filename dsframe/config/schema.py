@@ -208,8 +208,7 @@ def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
     kind = node.get("kind")
     if kind is None:
         raise ConfigError(f"{key}.kind", None, f"one of {', '.join(reg.names())}")
-    component = reg.get(kind, key=f"{key}.kind")
-    return to_dataclass(component.Config, node, key)
+    return to_dataclass(reg.config_class(kind, key=f"{key}.kind"), node, key)
 
 
 def validate(cfg: DictConfig) -> RunSpec:
@@ -231,7 +230,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         plugin_nodes = OmegaConf.to_container(plugin_nodes, resolve=True)
     plugins: Dict[str, Any] = {}
     for name, node in plugin_nodes.items():
-        plugins[name] = to_dataclass(registry.plugins.get(name, key=f"plugins.{name}").Config, node,
+        plugins[name] = to_dataclass(registry.plugins.config_class(name, key=f"plugins.{name}"), node,
                                      f"plugins.{name}")
     spec = RunSpec(cfg=cfg, recipe=recipe,
                    model=component_config(registry.models, cfg.get("model"), "model"),
@@ -244,14 +243,14 @@ def validate(cfg: DictConfig) -> RunSpec:
     for name, stage in recipe.stages.items():
         where = f"recipe.stages.{name}"
         if stage.run != "fit":
-            registry.stages.get(stage.run, key=f"{where}.run")
+            registry.stages.require(stage.run, key=f"{where}.run")
         if stage.init_from is not None and stage.init_from not in seen:
             raise ConfigError(f"{where}.init_from", stage.init_from,
                               f"an earlier stage: {', '.join(seen) or '(none: this is the first stage)'}")
         for plugin in stage.plugins:
-            cls = registry.plugins.get(plugin, key=f"{where}.plugins")
+            schema = registry.plugins.config_class(plugin, key=f"{where}.plugins")
             if plugin not in spec.plugins:  # no options given: the Config defaults (may be refused)
-                spec.plugins[plugin] = to_dataclass(cls.Config, {}, f"plugins.{plugin}")
+                spec.plugins[plugin] = to_dataclass(schema, {}, f"plugins.{plugin}")
         stage_trainer = spec.stage_trainer(name)
         spec.stage_optim(name)
         _check_options(stage, where)
@@ -274,7 +273,7 @@ def _check_options(stage: StageConfig, where: str) -> None:
             raise ConfigError(f"{where}.options", stage.options,
                               "no options: a fit stage is configured by plugins, trainer, optim and model")
         return
-    schema = getattr(registry.stages.get(stage.run, key=f"{where}.run"), "Config", None)
+    schema = registry.stages.config_class(stage.run, key=f"{where}.run")
     if schema is not None:
         try:
             to_dataclass(schema, stage.options, f"{where}.options")

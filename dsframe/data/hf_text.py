@@ -5,32 +5,12 @@ the default recipes run offline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
-from dsframe.data.text_classification import LoaderConfig, SentenceDataModule
+from dsframe.data.text_classification import SentenceDataModule
+from dsframe.data.options import HFTextConfig
 from dsframe.errors import ConfigError, DsframeError
 from dsframe.models.hub import load_tokenizer
-
-
-@dataclass
-class HFTextConfig(LoaderConfig):
-    kind: str = "hf_text"
-    tokenizer: str = "minilm"
-    name: str = "glue"
-    subset: Optional[str] = "sst2"
-    text_field: str = "sentence"
-    label_field: str = "label"
-    train_split: str = "train"
-    val_split: str = "validation"
-    test_split: str = "validation"  # GLUE test labels are hidden
-    num_classes: int = 2
-    max_train_samples: Optional[int] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_classes < 2:
-            raise ConfigError("data.num_classes", self.num_classes, "an integer >= 2")
 
 
 class HFTextDataModule(SentenceDataModule):

@@ -13,14 +13,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
 from dsframe.data.cache import cache_dir, sha256
-from dsframe.data.text_classification import LoaderConfig, SentenceDataModule
+from dsframe.data.text_classification import SentenceDataModule
+from dsframe.data.options import MovieReviewsConfig
 from dsframe.errors import ConfigError, DsframeError
 from dsframe.io import atomic_write
 from dsframe.models.hub import load_tokenizer
@@ -32,25 +32,6 @@ SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
 MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 FILE_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
 FILE_NAME = "movieReviewSnippets_GroundTruth.txt"
-
-
-@dataclass
-class MovieReviewsConfig(LoaderConfig):
-    kind: str = "movie_reviews"
-    tokenizer: str = "minilm"
-    path: Optional[str] = None  # a local movieReviewSnippets_GroundTruth.txt; default: fetch + cache
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 0  # fixed: the test split never changes with the training seed
-    max_train_samples: Optional[int] = None  # debug presets train on a subset; val/test stay whole
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key in ("val_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, key) < 0.5:
-                raise ConfigError(f"data.{key}", getattr(self, key), "a float in (0, 0.5)")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError("data.max_train_samples", self.max_train_samples, "null or an integer >= 1")
 
 
 def fetch() -> Path:

@@ -1,29 +1,12 @@
 """Shared pieces of the sentence-classification data modules: tokenised splits, padding collate."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dsframe.data import SplitDataModule
-from dsframe.errors import ConfigError
-
-
-@dataclass
-class LoaderConfig:
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 64
-    num_workers: int = 0
-
-    def __post_init__(self):
-        for key in ("batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
+from dsframe.data.loaders import SplitDataModule
 
 
 class EncodedSentences(Dataset):

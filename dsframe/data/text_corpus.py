@@ -13,41 +13,19 @@ validation split's second half.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dsframe.data import SplitDataModule
+from dsframe.data.loaders import SplitDataModule
+from dsframe.data.options import TextCorpusConfig
 from dsframe.errors import ConfigError, DsframeError
 
 SOURCES = ("python_docs", "licenses")
 LICENSES = Path("/usr/share/common-licenses")
 
-
-@dataclass
-class TextCorpusConfig:
-    kind: str = "text_corpus"
-    source: str = "python_docs"     # python_docs | licenses | a path to a UTF-8 text file
-    seq_len: int = 128
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    val_fraction: float = 0.05
-    max_train_samples: Optional[int] = None
-    num_workers: int = 0
-
-    def __post_init__(self):
-        for key in ("seq_len", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError("data.val_fraction", self.val_fraction, "a float in (0, 0.5)")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError("data.max_train_samples", self.max_train_samples, "null or an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
 
 
 def read_corpus(source: str) -> str:

@@ -23,36 +23,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsframe.errors import ConfigError
-
-
-@dataclass
-class GPTConfig:
-    kind: str = "gpt"
-    vocab_size: int = 256        # 256 = byte-level tokens
-    block_size: int = 128        # longest sequence
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-
-    def __post_init__(self):
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"model.{key}", v, "an integer >= 1")
-        if self.n_embd % self.n_head:
-            raise ConfigError("model.n_embd", self.n_embd, f"a multiple of model.n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.dropout", self.dropout, "a float in [0, 1)")
+from dsframe.models.gpt_config import GPTConfig
 
 
 class CausalSelfAttention(nn.Module):

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any, ClassVar, Optional
 
 from dsframe.errors import ConfigError
-from dsframe.parallel import contract
 from dsframe.parallel.layout import ParallelDims
 from dsframe.strategies import LaunchConfig, StrategyFactory
 
@@ -66,6 +65,8 @@ class HybridStrategyFactory(StrategyFactory):
 
     def validate(self, config: HybridConfig, world_size: int, model: Any, batch_size: Optional[int]) -> None:
         """Everything the model must offer comes from the parallel contract (dsframe.parallel.contract)."""
+        from dsframe.parallel import contract  # torch: not needed to check a config
+
         dims = config.dims()
         dims.validate_world(world_size)
         kind = getattr(model, "kind", type(model).__name__)

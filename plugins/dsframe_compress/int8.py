@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsframe_compress.options import UNSEEN
+
 INPUTS = ("input_ids", "attention_mask")
 META_PREFIX = "dsframe."
-
-
-UNSEEN = ("pq", "nearest", "unk")
 
 
 class Int8RowEmbedding(nn.Module):

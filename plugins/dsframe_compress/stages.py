@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 
 from dsframe.errors import ConfigError, DsframeError
+from dsframe_compress.options import EvaluateOptions, ExportOptions, ReportOptions
 
 log = logging.getLogger("dsframe")
 
@@ -42,24 +42,6 @@ def _previous_fit_stage(ctx) -> str:
 
 
 # -- export --------------------------------------------------------------------------------
-
-@dataclass
-class ExportOptions:
-    source: Optional[str] = None  # stage whose model.pt is exported (null: the last fit stage)
-    seq_len: int = 128
-    fuse: bool = True             # onnxruntime BERT fusion (attention, gelu, layer norm)
-    int8_embeddings: bool = True  # word embeddings as int8 rows + per-row scale
-    vocab: str = "train"          # int8 artifact keeps embedding rows of: train (ids in the
-                                  # training split + special tokens) | all
-    unseen: str = "pq"            # with vocab=train, rows of the other tokens: product-quantized,
-                                  # 96 bytes per 384-wide row (pq) | dropped, the id reads the
-                                  # kept row nearest its embedding (nearest) or [UNK]'s (unk)
-    scheme: str = "auto"          # int8 weight grid: auto (the grid the source's QAT trained on,
-                                  # else this machine's: w7 on x86 without VNNI/AMX) | w8 | w7
-    portable: bool = True         # predict.py, predict.json, tokenizer/ and model.pt2 (torch.export)
-                                  # beside the int8 model: predicting needs no dsframe
-
-
 def export_scheme(requested: str, source_dir: Path, key: str) -> tuple[str, str]:
     """The scheme to export with and why. A QAT stage's ``qat.json`` names the grid its weights
     lie on: ``auto`` follows it, another explicit scheme is refused (the weights would be
@@ -82,15 +64,11 @@ def export_scheme(requested: str, source_dir: Path, key: str) -> tuple[str, str]
 
 def export(ctx) -> dict:
     """Export a stage's model to ONNX and an onnxruntime int8 artifact (fused, per-channel int8)."""
-    from dsframe.models import load_model
-    from dsframe_compress.int8 import UNSEEN, OrtModel, export_int8
+    from dsframe.models.files import load_model
+    from dsframe_compress.int8 import OrtModel, export_int8
     from dsframe_compress.measure import dummy_inputs, size_mb
 
     opt = _options(ExportOptions, ctx)
-    if opt.vocab not in ("train", "all"):
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.vocab", opt.vocab, "train or all")
-    if opt.unseen not in UNSEEN:
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.unseen", opt.unseen, " | ".join(UNSEEN))
     source = opt.source or _previous_fit_stage(ctx)
     scheme, why = export_scheme(opt.scheme, ctx.run_dir / source, f"recipe.stages.{ctx.stage_name}.options.scheme")
     model = load_model(ctx.artifact(source)).eval()
@@ -169,47 +147,17 @@ def _vocab(model) -> int:
 
 
 # -- evaluate ------------------------------------------------------------------------------
-
-BASELINES = ("ort_fp32", "ort_int8", "bf16")
-
-
-@dataclass
-class EvaluateOptions:
-    stages: List[str] = field(default_factory=lambda: ["teacher", "prune", "qat"])  # torch fp32 models
-    int8: Optional[str] = "export"  # stage holding model_int8.onnx (null: none)
-    baseline: str = "teacher"       # speedup and size ratio are against this stage
-    # the baseline model through other runtimes: ort_fp32 (onnxruntime fp32, same fusion as the
-    # int8 student: tells runtime gain from compression gain), ort_int8 (onnxruntime dynamic int8,
-    # stock embeddings, the machine's scheme), bf16 (torch autocast)
-    baselines: List[str] = field(default_factory=lambda: ["ort_fp32", "ort_int8"])
-    batches: List[int] = field(default_factory=lambda: [1, 8])
-    threads: List[int] = field(default_factory=lambda: [1, 2])
-    seq_len: int = 128              # fixed-shape latency (bK_tN)
-    sentences: Optional[int] = 128  # test sentences timed at their own lengths (test_bK_tN); null: all, 0: none
-    repeats: int = 3                # the whole latency measurement, repeated: median, min, max
-    calls: int = 4                  # timed calls per model and fixed shape in one measurement
-    limit_test_batches: Optional[int] = None
-
-
 def evaluate(ctx) -> dict:
     """Test accuracy (the only read of the test split), file size and latency of each stage's
     model, the int8 artifact and the baseline through other runtimes; McNemar of the student."""
     from dsframe.io import write_json
     from dsframe.machine import machine_info
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
     from dsframe_compress.int8 import OrtModel, export_fp32_fused, export_int8
     from dsframe_compress.measure import (accuracy, fixed_workload, mcnemar, measure_latency, medians,
                                           ort_runner, sentence_workload, size_mb, torch_runner)
 
     opt = _options(EvaluateOptions, ctx)
-    key = f"recipe.stages.{ctx.stage_name}.options"
-    if opt.baseline not in opt.stages:
-        raise ConfigError(f"{key}.baseline", opt.baseline, f"one of the evaluated stages {opt.stages}")
-    for b in opt.baselines:
-        if b not in BASELINES:
-            raise ConfigError(f"{key}.baselines", b, " | ".join(BASELINES))
-    if opt.repeats < 3:
-        raise ConfigError(f"{key}.repeats", opt.repeats, "3 or more (a median with min and max beside it)")
     dm = ctx.datamodule
     dm.setup("test")
     loader = dm.test_dataloader()
@@ -300,12 +248,6 @@ def _labels(loader, limit_batches=None) -> torch.Tensor:
 
 
 # -- report --------------------------------------------------------------------------------
-
-@dataclass
-class ReportOptions:
-    source: str = "evaluate"  # the evaluate stage whose metrics are reported
-
-
 def report(ctx) -> dict:
     """Write report.json, report.md and report.png for the compression run."""
     from dsframe.io import write_json, write_text

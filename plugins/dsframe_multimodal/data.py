@@ -26,23 +26,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dsframe.data import SplitDataModule
-from dsframe.errors import ConfigError
+from dsframe.data.loaders import SplitDataModule
 
 from dsframe_multimodal import sources
+from dsframe_multimodal.config import SPLITS, AVDigitsConfig
 
 log = logging.getLogger("dsframe")
 
-MODALITIES = ("text", "image", "audio")
-SPLITS = ("train", "val", "test")
-AUDIO_SOURCES = ("mfcc", "waveform", "both")
 # keys of the batch each modality contributes (besides present_<m>)
 KEYS = {"text": ("input_ids", "attention_mask"), "image": ("image",),
         "audio": ("audio", "audio_mask", "waveform", "waveform_mask")}
@@ -50,89 +46,7 @@ _STREAM = {"split_image": 1, "split_audio": 2, "split_wave": 3, "order": 4, "pai
            "text": 7, "audio_noise": 8, "image_noise": 9, "missing": 10, "wave_noise": 11}
 
 
-@dataclass
-class AVDigitsConfig:
-    kind: str = "av_digits"
-    modalities: List[str] = field(default_factory=lambda: list(MODALITIES))
-    audio_source: str = "mfcc"  # mfcc: FSDD recordings | waveform: espeak-ng clips | both
-    tokenizer: str = "minilm"
-    max_length: int = 16
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    split_seed: int = 0  # splits, pairing and noise; fixed: the test split never changes with the run seed
-    max_train_samples: Optional[int] = None  # debug presets train on a subset; val/test stay whole
-    # noise (defaults chosen on the validation split, see dsframe_multimodal.calibrate)
-    image_energy_removed: float = 0.8
-    image_noise: float = 0.0
-    audio_noise: float = 2.5
-    text_noise: float = 0.6
-    text_languages: List[str] = field(default_factory=lambda: list(sources.WORDS))
-    waveform_snr_db: float = 0.0
-    waveform_seconds: float = 1.0
-    voices: List[str] = field(default_factory=lambda: ["en-us", "en-gb", "en-gb-scotland", "en-029",
-                                                       "en-us+f2", "en-gb+f4", "en-us+m3", "en-gb-x-rp+croak"])
-    speeds: List[int] = field(default_factory=lambda: [130, 165, 200])
-    pitches: List[int] = field(default_factory=lambda: [30, 50, 70])
-    # presence simulation: {split: {modality: probability that a sample lacks it}}
-    missing: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    keep_one_present: bool = True  # a sample never loses every modality
-
-    def __post_init__(self):
-        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ConfigError("data.modalities", self.modalities, f"a non-empty list of distinct names from {list(MODALITIES)}")
-        for m in self.modalities:
-            if m not in MODALITIES:
-                raise ConfigError("data.modalities", m, f"one of {', '.join(MODALITIES)}")
-        if self.audio_source not in AUDIO_SOURCES:
-            raise ConfigError("data.audio_source", self.audio_source, " | ".join(AUDIO_SOURCES))
-        for key in ("batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
-        for key in ("val_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, key) < 0.5:
-                raise ConfigError(f"data.{key}", getattr(self, key), "a float in (0, 0.5)")
-        if self.max_train_samples is not None and self.max_train_samples < 10:
-            raise ConfigError("data.max_train_samples", self.max_train_samples, "null or an integer >= 10")
-        if not 0.0 <= self.image_energy_removed < 1.0:
-            raise ConfigError("data.image_energy_removed", self.image_energy_removed, "a fraction in [0, 1)")
-        for key in ("image_noise", "audio_noise"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key}", getattr(self, key), "a standard deviation >= 0")
-        if not 0.0 <= self.text_noise <= 1.0:
-            raise ConfigError("data.text_noise", self.text_noise, "a probability in [0, 1]")
-        for lang in self.text_languages or [None]:
-            if lang not in sources.WORDS:
-                raise ConfigError("data.text_languages", lang, f"a non-empty list from {', '.join(sources.WORDS)}")
-        if not 0.1 <= self.waveform_seconds <= 5.0:
-            raise ConfigError("data.waveform_seconds", self.waveform_seconds, "seconds in [0.1, 5]")
-        if len(self.voices) * len(self.speeds) * len(self.pitches) < 4:
-            raise ConfigError("data.voices", self.voices, "voices x speeds x pitches giving at least 4 clips per "
-                              "digit, so that train, val and test each get one")
-        for split, probs in self.missing.items():
-            if split not in SPLITS:
-                raise ConfigError("data.missing", split, f"a split: {', '.join(SPLITS)}")
-            for m, p in (probs or {}).items():
-                if m not in self.modalities:
-                    raise ConfigError(f"data.missing.{split}", m, f"a provided modality: {', '.join(self.modalities)}")
-                if not 0.0 <= float(p) <= 1.0:
-                    raise ConfigError(f"data.missing.{split}.{m}", p, "a probability in [0, 1]")
-
-    @property
-    def waveforms(self) -> bool:
-        return "audio" in self.modalities and self.audio_source in ("waveform", "both")
-
-    @property
-    def mfcc(self) -> bool:
-        return "audio" in self.modalities and self.audio_source in ("mfcc", "both")
-
-
 # -- building the paired splits (cached) --------------------------------------------------------
-
 def _rng(cfg: AVDigitsConfig, stream: str, split: str = "") -> np.random.Generator:
     """Independent, fixed random streams: adding waveforms never changes the image/audio/text pairing."""
     return np.random.default_rng([cfg.split_seed, _STREAM[stream], SPLITS.index(split) if split else 9])
@@ -263,7 +177,6 @@ def load_built(cfg: AVDigitsConfig) -> dict[str, np.ndarray]:
 
 
 # -- the dataset and its batches --------------------------------------------------------------------
-
 def presence(cfg: AVDigitsConfig, split: str, n: int) -> dict[str, torch.Tensor]:
     """Which samples keep each modality: a fixed draw per split from ``cfg.missing[split]``."""
     probs = {m: float((cfg.missing.get(split) or {}).get(m, 0.0)) for m in cfg.modalities}
@@ -410,4 +323,3 @@ class AVDigitsDataModule(SplitDataModule):
         data = self.splits[split]
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=data.collate,
                           num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0)
-

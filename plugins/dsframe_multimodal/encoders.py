@@ -19,14 +19,14 @@ must not move a present sample's features through batch statistics.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError, DsframeError
+from dsframe_multimodal.config import BertEncoderConfig, MFCCEncoderConfig, ResNetConfig, Wav2VecConfig
 
 
 class Encoder(nn.Module):
@@ -79,16 +79,6 @@ def _transformer(width: int, heads: int, layers: int, dropout: float) -> nn.Tran
 
 
 # -- text ------------------------------------------------------------------------------------
-@dataclass
-class BertEncoderConfig:
-    kind: str = "bert"
-    name_or_path: str = "minilm"  # the packaged all-MiniLM-L6-v2, a local folder, or a HF id
-    pretrained: bool = True       # false: the same architecture with random weights (tests, debug)
-    freeze: bool = False          # keep the BERT weights fixed (and in eval mode); the projection trains
-    # overrides of the transformers config, e.g. {num_hidden_layers: 2, hidden_size: 64} for a tiny one
-    hf_config: Dict[str, Any] = field(default_factory=dict)
-
-
 class BertEncoder(Encoder):
     """Text: a BERT-family encoder (default the packaged MiniLM-L6); its token states projected to d."""
 
@@ -166,25 +156,6 @@ def _hf_config(config: BertEncoderConfig):
 
 
 # -- image -----------------------------------------------------------------------------------
-@dataclass
-class ResNetConfig:
-    kind: str = "resnet"
-    in_channels: int = 1
-    channels: int = 32            # width of the first stage; doubles at each later stage
-    blocks: List[int] = field(default_factory=lambda: [1, 1, 1])  # residual blocks per stage
-    groups: int = 8               # GroupNorm groups
-
-    def __post_init__(self):
-        if self.in_channels < 1 or self.channels < 1:
-            bad = "in_channels" if self.in_channels < 1 else "channels"
-            raise ConfigError(f"model.encoders.image.{bad}", getattr(self, bad), "an integer >= 1")
-        if not self.blocks or any(b < 1 for b in self.blocks):
-            raise ConfigError("model.encoders.image.blocks", self.blocks, "a non-empty list of integers >= 1")
-        if self.channels % self.groups:
-            raise ConfigError("model.encoders.image.groups", self.groups,
-                              f"a divisor of model.encoders.image.channels ({self.channels})")
-
-
 class _Block(nn.Module):
     """A basic ResNet block (two 3x3 convolutions and a skip connection)."""
 
@@ -237,23 +208,6 @@ class ResNetEncoder(Encoder):
 
 
 # -- audio: MFCC frames ----------------------------------------------------------------------
-@dataclass
-class MFCCEncoderConfig:
-    kind: str = "mfcc"
-    n_features: int = 13   # coefficients per frame
-    layers: int = 2        # transformer layers over the (2x subsampled) frames
-    heads: int = 4
-    dropout: float = 0.1
-    max_frames: int = 512  # after subsampling
-
-    def __post_init__(self):
-        for key in ("n_features", "layers", "heads", "max_frames"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.encoders.audio.{key}", getattr(self, key), "an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.encoders.audio.dropout", self.dropout, "a float in [0, 1)")
-
-
 class MFCCEncoder(Encoder):
     """Audio: a strided 1-D convolution over MFCC frames, then a transformer with a frame mask."""
 
@@ -291,30 +245,6 @@ class MFCCEncoder(Encoder):
 
 
 # -- audio: raw waveform (wav2vec2-style) ----------------------------------------------------
-@dataclass
-class Wav2VecConfig:
-    kind: str = "wav2vec"
-    channels: int = 64
-    # wav2vec 2.0's feature encoder: 7 convolutions, 320x downsampling (20 ms frames at 16 kHz)
-    kernels: List[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
-    strides: List[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])
-    pos_kernel: int = 16   # convolutional relative position embedding (wav2vec 2.0 uses 128)
-    pos_groups: int = 4
-    layers: int = 2
-    heads: int = 4
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        if len(self.kernels) != len(self.strides) or not self.kernels:
-            raise ConfigError("model.encoders.audio.strides", self.strides,
-                              f"a list as long as model.encoders.audio.kernels ({len(self.kernels)})")
-        for key in ("channels", "pos_kernel", "pos_groups", "layers", "heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.encoders.audio.{key}", getattr(self, key), "an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.encoders.audio.dropout", self.dropout, "a float in [0, 1)")
-
-
 class Wav2VecEncoder(Encoder):
     """Audio: wav2vec 2.0's convolutional feature encoder + conv position embedding + transformer."""
 

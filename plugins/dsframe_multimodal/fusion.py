@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSIONS = ("sigmoid_gate", "concat", "mean", "softmax_gate", "gmu")
-
 
 class CrossModalAttention(nn.Module):
     """Cross-modal attention: every token attends to the tokens of the *other* modalities that

@@ -13,8 +13,7 @@ sample's. ``last_gate`` [B, M] holds the last forward's per-modality fusion weig
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,86 +21,18 @@ from torch import nn
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError, DsframeError
-
-from dsframe_multimodal.fusion import FUSIONS, CrossModalAttention, build_fusion, masked_mean
-
-
-def _default_encoders() -> Dict[str, Any]:
-    return {"text": {"kind": "bert"}, "image": {"kind": "resnet"}, "audio": {"kind": "mfcc"}}
-
-
-@dataclass
-class MultimodalConfig:
-    kind: str = "multimodal"
-    modalities: List[str] = field(default_factory=lambda: ["text", "image", "audio"])
-    # modality -> its encoder's options; ``kind`` names an encoder of the dsframe.encoders group.
-    # Entries of modalities not listed in ``modalities`` are ignored (unimodal baselines).
-    encoders: Dict[str, Any] = field(default_factory=_default_encoders)
-    width: int = 128               # d: the shared token width
-    cross_attention: bool = True   # off: encoders' tokens go straight to pooling
-    cross_layers: int = 1          # cross-modal attention blocks
-    heads: int = 4                 # cross-attention heads
-    fusion: str = "sigmoid_gate"   # sigmoid_gate | concat | mean | softmax_gate | gmu (2 modalities)
-    hidden: int = 128              # decoder MLP width
-    dropout: float = 0.1
-    modality_dropout: float = 0.0  # training: chance to hide each present modality of a sample
-    num_labels: int = 10
-
-    def __post_init__(self):
-        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ConfigError("model.modalities", self.modalities, "a non-empty list without repeats")
-        known = known_modalities()
-        for m in self.modalities:
-            if m not in known:
-                raise ConfigError("model.modalities", m, f"one of {', '.join(sorted(known)) or '(none)'} "
-                                  "(the modalities of the installed dsframe.encoders)")
-            self.encoders[m] = dataclasses.asdict(encoder_config(m, self.encoders.get(m)))
-        for m in self.encoders:
-            if m not in known:  # a typo here would otherwise be silently unused
-                raise ConfigError(f"model.encoders.{m}", self.encoders[m],
-                                  f"an entry for a modality: {', '.join(sorted(known))}")
-        for key in ("width", "heads", "cross_layers", "hidden", "num_labels"):
-            if getattr(self, key) < (2 if key == "num_labels" else 1):
-                raise ConfigError(f"model.{key}", getattr(self, key),
-                                  "an integer >= 2" if key == "num_labels" else "an integer >= 1")
-        if self.width % self.heads:
-            raise ConfigError("model.heads", self.heads, f"a divisor of model.width ({self.width})")
-        if self.fusion not in FUSIONS:
-            raise ConfigError("model.fusion", self.fusion, f"one of {', '.join(FUSIONS)}")
-        if self.fusion == "gmu" and len(self.modalities) != 2:
-            raise ConfigError("model.fusion", "gmu", f"a fusion for {len(self.modalities)} modalities: the GMU "
-                              f"fuses exactly 2 (model.modalities={list(self.modalities)})")
-        for key in ("dropout", "modality_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}", getattr(self, key), "a float in [0, 1)")
-
-
-ENCODER_CONTRACT = ("modality", "inputs", "Config", "build", "arch", "from_arch")
-
-
-def known_modalities() -> set[str]:
-    return {getattr(cls, "modality", "") for cls in (registry.encoders.get(n) for n in registry.encoders.names())}
+from dsframe_multimodal.config import MultimodalConfig, check_encoder_contract, encoder_config
+from dsframe_multimodal.fusion import CrossModalAttention, build_fusion, masked_mean
 
 
 def encoder_class(modality: str, kind: Any) -> type:
+    """The encoder class for ``model.encoders.<modality>`` (its Config was checked with the config),
+    checked against the encoder contract."""
     key = f"model.encoders.{modality}.kind"
-    fits = [n for n in registry.encoders.names() if getattr(registry.encoders.get(n), "modality", "") == modality]
-    if kind is None:
-        raise ConfigError(key, None, f"an encoder for '{modality}': {', '.join(fits)}")
+    encoder_config(modality, {"kind": kind})  # the kind exists and encodes this modality
     cls = registry.encoders.get(kind, key=key)
-    lacks = [a for a in ENCODER_CONTRACT if not hasattr(cls, a)]
-    if lacks:
-        raise ConfigError(key, kind, f"an encoder class with {', '.join(ENCODER_CONTRACT)} "
-                          f"({cls.__module__}.{cls.__qualname__} lacks {', '.join(lacks)}; see docs/multimodal.md)")
-    if getattr(cls, "modality", None) != modality:
-        raise ConfigError(key, kind, f"an encoder for '{modality}': {', '.join(fits) or '(none installed)'} "
-                          f"('{kind}' encodes '{getattr(cls, 'modality', '?')}')")
+    check_encoder_contract(cls, kind, key)
     return cls
-
-
-def encoder_config(modality: str, node: Any) -> Any:
-    node = dict(node or {})
-    return to_dataclass(encoder_class(modality, node.get("kind")).Config, node, f"model.encoders.{modality}")
 
 
 class MultimodalClassifier(nn.Module):

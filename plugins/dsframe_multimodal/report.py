@@ -16,13 +16,13 @@ from __future__ import annotations
 import itertools
 import logging
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 
 from dsframe.errors import ConfigError, DsframeError
+from dsframe_multimodal.options import EvaluateOptions, ReportOptions, SeedsOptions
 
 log = logging.getLogger("dsframe")
 
@@ -39,13 +39,6 @@ def _options(cls, ctx) -> Any:
 
 
 # -- more seeds ----------------------------------------------------------------------------------
-
-@dataclass
-class SeedsOptions:
-    extra: int = 2                                   # seeds run_seed+1 .. run_seed+extra
-    stages: List[str] = field(default_factory=list)  # fit stages to retrain (default: all before this one)
-
-
 def train_seeds(ctx) -> dict:
     """Rerun the fit stages with other seeds through the real Runner, one nested run per seed."""
     from omegaconf import OmegaConf
@@ -61,8 +54,6 @@ def train_seeds(ctx) -> dict:
         if s not in before:
             raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.stages", s,
                               f"an earlier fit stage: {', '.join(before)}")
-    if opt.extra < 0:
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.extra", opt.extra, "an integer >= 0")
     base_seed = int(ctx.cfg.get("seed", 42))
     seeds = [base_seed + i for i in range(1, opt.extra + 1)]
     results = {}
@@ -79,17 +70,6 @@ def train_seeds(ctx) -> dict:
 
 
 # -- evaluate ---------------------------------------------------------------------------------
-
-@dataclass
-class EvaluateOptions:
-    baselines: List[str] = field(default_factory=lambda: ["text", "image", "audio"])  # unimodal fit stages
-    fused: List[str] = field(default_factory=lambda: ["fused"])  # fused fit stages; the first is "the" model
-    seeds_stage: Optional[str] = "seeds"  # the multimodal_seeds stage whose runs are evaluated too (null: none)
-    examples: int = 8                     # test samples whose per-sample gate weights are listed
-    latency_reps: int = 50                # timed batch-1 calls per part (median)
-    latency_threads: int = 1
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: list[dict], missing=()) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Predictions over the held batches with the ``missing`` modalities absent; and the gate [N, M]."""
@@ -125,13 +105,11 @@ def _load_split(dm, split: str) -> list[dict]:
 
 def evaluate(ctx) -> dict:
     """Accuracies (val and test), missing-modality accuracies, gate weights and fusion latency, per seed."""
-    from dsframe.models import load_model
+    from dsframe.models.files import load_model
 
     from dsframe_multimodal.model import fusion_latency
 
     opt = _options(EvaluateOptions, ctx)
-    if not opt.fused:
-        raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.fused", opt.fused, "at least one fused fit stage")
     dm = ctx.datamodule
     dirs = {int(ctx.cfg.get("seed", 42)): ctx.run_dir}
     if opt.seeds_stage:
@@ -225,12 +203,6 @@ def summarise(per_seed: dict, baselines: list[str], fused: list[str]) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------
-
-@dataclass
-class ReportOptions:
-    source: str = "evaluate"
-
-
 def report(ctx) -> dict:
     """report.json, report.md, report_accuracy.png, report_missing.png, report_gate.png in the run directory."""
     from dsframe.io import write_json, write_text

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsframe_qat.config import SCHEME_CHOICES
+
 __all__ = ["SCHEMES", "CHOICES", "Int8Scheme", "saturates", "choose_scheme", "resolve_scheme",
            "fake_quantize_rows", "warn_if_saturates"]
 
@@ -39,7 +41,7 @@ SCHEMES = {
     "w8": Int8Scheme("w8", 127, False, "8-bit weights [-127, 127]; needs VNNI/AMX on x86 (u8s8 saturates without)"),
     "w7": Int8Scheme("w7", 64, True, "7-bit weights [-64, 64] (reduce_range); exact on every CPU"),
 }
-CHOICES = ("auto", *SCHEMES)
+CHOICES = SCHEME_CHOICES
 
 # instructions whose u8·s8 dot products accumulate in int32 (no int16 saturation)
 NON_SATURATING = ("avx512_vnni", "avx_vnni", "amx_int8")

@@ -1,6 +1,6 @@
 """Actions acting on the running job.
 
-* batch size: mid-epoch, through the core's resizable batch sampler (``dsframe.data.resize_batch``),
+* batch size: mid-epoch, through the core's resizable batch sampler (``dsframe.data.loaders.resize_batch``),
   with the LR rescaled by the configured rule (``dsframe.task.lr_scale_for``);
 * precision and workers: through the runner's segments (``StageContext.end_segment``): this
   Trainer stops at a checkpoint and the stage continues in a new one with the new setting. A
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsframe.data import resize_batch
+from dsframe.data.loaders import resize_batch
 from dsframe.task import lr_scale_for
 
 from dsframe_scheduler.agent import Setting
@@ -21,7 +21,7 @@ from dsframe_scheduler.agent import Setting
 
 def current_setting(trainer: Any) -> Setting:
     """The setting the job runs with now (per-rank batch of the resizable sampler)."""
-    from dsframe.data import train_batch_sampler
+    from dsframe.data.loaders import train_batch_sampler
 
     sampler = train_batch_sampler(trainer)
     batch = sampler.batch_size if sampler is not None else int(getattr(trainer.datamodule, "batch_size", 1))

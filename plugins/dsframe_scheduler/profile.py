@@ -25,42 +25,18 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dsframe.batch import call_model
-from dsframe.errors import ConfigError
 from dsframe.io import atomic_write, write_json
+from dsframe_scheduler.config import ProfileOptions
 
 log = logging.getLogger("dsframe.scheduler")
-
-
-@dataclass
-class ProfileOptions:
-    batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32])
-    precisions: List[str] = field(default_factory=lambda: ["32-true", "bf16-mixed"])
-    workers: List[int] = field(default_factory=lambda: [1, 2])
-    steps: int = 5                  # timed steps per setting (after one warm-up step)
-    validation_batches: List[int] = field(default_factory=lambda: [8, 32])
-    validation_samples: int = 512   # training samples of each validation run
-    validation_every: int = 64      # samples between two rows of a validation run
-    val_batches: int = 4            # validation batches per row (eval_batch_size each)
-
-    def __post_init__(self):
-        for key in ("steps", "validation_samples", "validation_every", "val_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"options.{key}", getattr(self, key), "an integer >= 1")
-        for key in ("batch_sizes", "workers", "validation_batches"):
-            if not getattr(self, key) or min(getattr(self, key)) < 1:
-                raise ConfigError(f"options.{key}", getattr(self, key), "a non-empty list of integers >= 1")
-        bad = [p for p in self.precisions if p not in ("32-true", "bf16-mixed", "16-mixed")]
-        if bad or not self.precisions:
-            raise ConfigError("options.precisions", self.precisions, "a list of 32-true, bf16-mixed, 16-mixed")
 
 
 def _autocast(precision: str):

@@ -1,0 +1,41 @@
+"""Options of the multimodal_digits stage functions (``recipe.stages.<name>.options``). No torch
+here: every value is checked when the config is, before the first stage trains."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dsframe.errors import ConfigError
+
+
+@dataclass
+class ReportOptions:
+    source: str = "evaluate"
+
+
+@dataclass
+class EvaluateOptions:
+    baselines: List[str] = field(default_factory=lambda: ["text", "image", "audio"])  # unimodal fit stages
+    fused: List[str] = field(default_factory=lambda: ["fused"])  # fused fit stages; the first is "the" model
+    seeds_stage: Optional[str] = "seeds"  # the multimodal_seeds stage whose runs are evaluated too (null: none)
+    examples: int = 8                     # test samples whose per-sample gate weights are listed
+    latency_reps: int = 50                # timed batch-1 calls per part (median)
+    latency_threads: int = 1
+
+    def __post_init__(self):
+        if not self.fused:
+            raise ConfigError("options.fused", list(self.fused), "at least one fused fit stage")
+        for key in ("examples", "latency_reps", "latency_threads"):
+            if getattr(self, key) < (0 if key == "examples" else 1):
+                raise ConfigError(f"options.{key}", getattr(self, key),
+                                  "an integer >= 0" if key == "examples" else "an integer >= 1")
+
+
+@dataclass
+class SeedsOptions:
+    extra: int = 2                                   # seeds run_seed+1 .. run_seed+extra
+    stages: List[str] = field(default_factory=list)  # fit stages to retrain (default: all before this one)
+
+    def __post_init__(self):
+        if self.extra < 0:
+            raise ConfigError("options.extra", self.extra, "an integer >= 0")
