@@ -159,7 +159,7 @@ def test_goodput_advisor_moves_one_action_towards_the_rules_target(tmp_path):
     a = adv.advice(sim, allowed)
     from dsframe_scheduler.agent import ACTIONS, next_setting
     assert ACTIONS[a] in ("batch_up", "workers_up")       # one rung towards it, the cheaper one
-    costs = {n: adv.cost_of(w, next_setting(sim.setting, n, w.limits)) for n in ("batch_up", "workers_up")}
+    costs = {n: adv.cost_of(next_setting(sim.setting, n, w.limits)) for n in ("batch_up", "workers_up")}
     assert costs[ACTIONS[a]] == min(costs.values())
     sim.setting = goal
     assert adv.advice(sim, allowed) == 0                  # at the target: keep

@@ -218,7 +218,7 @@ class OnlineAdvisor:
         goal = self.advisor.goal(setting, remaining)
         if goal == setting:
             return 0, setting
-        return self.advisor.advise(setting, allowed_actions(setting, self.model.limits), remaining), goal
+        return self.advisor.advise(setting, allowed_actions(setting, self.model.limits), remaining, goal), goal
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "b_noise": self.advisor.b_noise}

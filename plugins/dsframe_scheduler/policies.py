@@ -189,9 +189,9 @@ class GoodputAdvisor:
         self.b_noise = noise_scale if self.b_noise is None else \
             self.smoothing * self.b_noise + (1 - self.smoothing) * noise_scale
 
-    def costs(self, w=None) -> np.ndarray:
-        """Predicted cost per unit of progress of every candidate setting (``w``: unused, the
-        model given to :meth:`start`)."""
+    def costs(self) -> np.ndarray:
+        """Predicted cost per unit of progress of every candidate setting (under the model given
+        to :meth:`start`)."""
         phi = self.b_noise / self.model.init_batch        # = grad_var / grad_sqr
         if not np.isfinite(phi):                          # no measurable gradient signal: linear scaling
             gain = self._scale
@@ -200,7 +200,7 @@ class GoodputAdvisor:
                            np.maximum(1.0, self._scale))
         return self._step / gain * self._price
 
-    def cost_of(self, w, s: Setting, costs: Optional[np.ndarray] = None) -> float:
+    def cost_of(self, s: Setting, costs: Optional[np.ndarray] = None) -> float:
         i = self._index.get((s.batch_size, s.precision, s.workers))
         if i is None:                                       # outside the candidates: compute it
             m = self.model
@@ -217,16 +217,16 @@ class GoodputAdvisor:
         m = self.model
         costs = self.costs()
         best = self.candidates[int(np.argmin(costs))]
-        now, new = self.cost_of(m, cur, costs), float(costs.min())
+        now, new = self.cost_of(cur, costs), float(costs.min())
         if not np.isfinite(now) or best == cur or new > now * (1 - self.min_gain):
             return cur
         restart = m.restart_seconds * (best.workers + self.lam) if m.needs_restart(cur, best) else 0.0
         return cur if (now - new) * remaining <= restart else best
 
-    def advise(self, cur: Setting, allowed, remaining: float) -> int:
-        """The allowed action from ``cur`` that moves towards :meth:`goal` with the least
-        predicted cost (an index in ACTIONS; 0 = keep)."""
-        goal = self.goal(cur, remaining)
+    def advise(self, cur: Setting, allowed, remaining: float, goal: Optional[Setting] = None) -> int:
+        """The allowed action from ``cur`` that moves towards :meth:`goal` (given, or computed
+        here) with the least predicted cost (an index in ACTIONS; 0 = keep)."""
+        goal = self.goal(cur, remaining) if goal is None else goal
         if goal == cur:
             return 0
         m = self.model
@@ -240,7 +240,7 @@ class GoodputAdvisor:
                       or (nxt.precision == goal.precision != cur.precision)
                       or abs(np.log2(nxt.workers / goal.workers)) < abs(np.log2(cur.workers / goal.workers)))
             if closer and m.fits(nxt):
-                c = self.cost_of(m, nxt, costs)
+                c = self.cost_of(nxt, costs)
                 if c < best_cost:
                     best, best_cost = a, c
         return best
