@@ -1,12 +1,22 @@
-"""The layout planner: the seed article's table and 30B example, explanations, CLI errors."""
+"""The layout planner: the seed article's table and 30B example, explanations, CLI errors, and the
+time model against Megatron-LM's published throughput (benchmarks/plan_vs_megatron.py)."""
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from dsframe.errors import ConfigError
-from dsframe.plan import Cluster, Workload, evaluate, recommend
+from dsframe.plan import Cluster, Workload, _parse, evaluate, iteration_flops, recommend
+
+# The published table and its sources live in the benchmark script; one copy for both.
+_spec = importlib.util.spec_from_file_location(
+    "plan_vs_megatron", Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_megatron.py")
+bench = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # dataclasses look the module up
+_spec.loader.exec_module(bench)
 
 
 def pick(params, gpus, mem=80):
@@ -74,9 +84,13 @@ def test_cli_explains_and_json():
     assert out.returncode == 0, out.stderr
     assert "recommended: dp=" in out.stdout
     assert "why (tp inside a node, the smallest tp·pp that fits" in out.stdout and "does not fit" in out.stdout
+    assert "TFLOP/s per GPU" in out.stdout and "% weak" in out.stdout and "% strong" in out.stdout
     js = run_plan("params=30e9", "gpus=256", "--json")
     rec = json.loads(js.stdout)["recommended"]
     assert rec["dp"] * rec["tp"] * rec["pp"] == 256
+    for key in ("step_time_s", "tflops_per_gpu", "tokens_per_s_per_gpu", "scaling_efficiency_weak",
+                "scaling_efficiency_strong", "t_bubble", "t_opt"):
+        assert rec[key] > 0, key
 
 
 def test_cli_bad_input_one_line_exit_1():
@@ -85,22 +99,70 @@ def test_cli_bad_input_one_line_exit_1():
     assert out.stderr.strip().count("\n") == 0 and "gpu_mem" in out.stderr and "gpu_mem_gb" in out.stderr
 
 
+def test_cli_booleans():
+    _, w, _ = _parse(["params=30e9", "gpus=256", "recompute=true", "flash_attention=0"])
+    assert w.recompute is True and w.flash_attention is False
+    with pytest.raises(ConfigError, match="true or false"):
+        _parse(["params=30e9", "gpus=256", "recompute=yes please"])
+
+
 # Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU Clusters using
-# Megatron-LM"), Table 1: params, layers, hidden, heads, global batch, GPUs → tp, pp (A100 80 GB, seq 2048)
-MEGATRON_TABLE_1 = [
-    (18.4e9, 40, 6144, 48, 1024, 256, 8, 1),
-    (39.1e9, 48, 8192, 64, 1536, 512, 8, 2),
-    (76.1e9, 60, 10240, 80, 1792, 1024, 8, 4),
-    (145.6e9, 80, 12288, 96, 2304, 1536, 8, 8),
-    (310.1e9, 96, 16384, 128, 2160, 1920, 8, 16),
-    (529.6e9, 105, 20480, 128, 2520, 2520, 8, 35),
-    (1008e9, 128, 25600, 160, 3072, 3072, 8, 64),
-]
-
-
-@pytest.mark.parametrize("row", MEGATRON_TABLE_1, ids=lambda r: f"{r[0] / 1e9:g}B")
+# Megatron-LM"), Table 1, the rows with model parallelism across a whole node (tp = 8): given their shapes,
+# batches and GPU counts (A100 80 GB, seq 2048) the planner picks their tp and pp.
+@pytest.mark.parametrize("row", [r for r in bench.TABLE_1 if r.tp == 8], ids=lambda r: r.name)
 def test_reproduces_megatron_table_1(row):
-    params, layers, hidden, heads, batch, gpus, tp, pp = row
-    best, _ = recommend(Cluster(gpus=gpus), Workload(params=params, layers=layers, hidden=hidden, heads=heads,
-                                                     global_batch=batch))
-    assert (best.tp, best.pp, best.dp) == (tp, pp, gpus // (tp * pp))
+    w = Workload(params=row.params_b * 1e9, layers=row.layers, hidden=row.hidden, heads=row.heads,
+                 global_batch=row.batch)
+    best, _ = recommend(Cluster(gpus=row.gpus), w)
+    assert (best.tp, best.pp, best.dp) == (row.tp, row.pp, row.gpus // (row.tp * row.pp))
+
+
+def test_iteration_flops_by_hand_1t_row():
+    # Counted matmul by matmul for the 1T row: per layer and token a forward pass does QKV 2·h·3h, scores 2·s·h,
+    # context 2·s·h, projection 2·h·h, MLP 2·h·4h twice; with full recomputation 4 passes (forward, recomputed
+    # forward, backward = 2); the logits 2·h·V in 3 passes (never recomputed).
+    B, s, l, h, V = 3072, 2048, 128, 25600, 51200
+    layer = 6 * h * h + 2 * s * h + 2 * s * h + 2 * h * h + 2 * 8 * h * h
+    by_hand = B * s * (l * 4 * layer + 3 * 2 * h * V)
+    assert by_hand == pytest.approx(5.139051e19, rel=1e-6)
+    f = iteration_flops(bench.megatron_workload(bench.TABLE_1[-1]))
+    assert f == pytest.approx(by_hand, rel=1e-12)
+    assert f == pytest.approx(96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h)), rel=1e-12)
+    # without recomputation: 3 passes, Korthikanti et al.'s 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))
+    f3 = iteration_flops(replace(bench.megatron_workload(bench.TABLE_1[-1]), recompute=False))
+    assert f3 == pytest.approx(72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h)), rel=1e-12)
+
+
+def test_matmul_eff_is_solved_on_the_1_7b_row_only():
+    # the one calibrated constant: Cluster's default is the value that reproduces the 1.7B row (tp = pp = 1)
+    assert Cluster(gpus=1).matmul_eff == round(bench.calibrate(), 2)
+
+
+# matmul_eff solved on the 1.7B row only; the other nine rows land at -3.9 % … +4.1 % of the published
+# TFLOP/s per GPU (mean 2.4 %, benchmarks/results/plan_vs_megatron.md). 5 % is that worst error rounded up.
+TFLOPS_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("row", bench.TABLE_1, ids=lambda r: r.name)
+def test_predicts_megatron_table_1_throughput(row):
+    lay = bench.predict(row)
+    assert lay.fits, lay.why_not
+    assert lay.tflops_per_gpu == pytest.approx(row.tflops, rel=TFLOPS_TOLERANCE)
+
+
+def test_scaling_efficiency_at_most_one_and_falls_with_bubble():
+    c, w = Cluster(gpus=256), Workload(params=30e9)
+    # fewer micro-batches per replica (bigger micro-batches) → bigger bubble → lower efficiency at a fixed batch
+    lays = [evaluate(c, replace(w, micro_batch_size=mbs), 16, 8, 2) for mbs in (1, 2, 4, 8)]
+    assert [x.bubble for x in lays] == sorted(x.bubble for x in lays)
+    strong = [x.scaling_efficiency_strong for x in lays]
+    assert strong == sorted(strong, reverse=True) and len(set(strong)) == 4
+    for x in lays:
+        assert 0 < x.scaling_efficiency_strong <= x.scaling_efficiency_weak <= 1
+    # more stages at the same dp and tp: more bubble, lower efficiency
+    stages = [evaluate(Cluster(gpus=8 * 4 * pp), w, 8, 4, pp) for pp in (2, 4, 8)]
+    assert [x.bubble for x in stages] == sorted(x.bubble for x in stages)
+    strong = [x.scaling_efficiency_strong for x in stages]
+    assert strong == sorted(strong, reverse=True) and len(set(strong)) == 3
+    # one model-parallel group is its own baseline
+    assert evaluate(Cluster(gpus=16), w, 1, 8, 2).scaling_efficiency_strong == 1.0
