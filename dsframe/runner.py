@@ -29,7 +29,7 @@ from dsframe.models.files import file_size_mb, load_model, save_model
 from dsframe.plugin import SEGMENT_CHECKPOINT, SEGMENT_REQUEST, SegmentSwitch, StageContext, order_plugins
 from dsframe.resilience import (INTERRUPT_FILE, ContinuingCSVLogger, Interrupted, StageGuard, clear_pending_signal,
                                 defer_signals, interval_checkpoints, pending_signal, raise_on_signals)
-from dsframe.strategies import forget_previous_job_port
+from dsframe.strategies import forget_previous_job_port, pick_local_port
 from dsframe.task import TASKS
 
 log = logging.getLogger("dsframe")
@@ -141,6 +141,7 @@ class Runner:
             if rank_zero_only.rank == 0:
                 (ctx.stage_dir / INTERRUPT_FILE).unlink(missing_ok=True)
             forget_previous_job_port()
+            pick_local_port()
             version = "fit" if not segments else f"fit-{len(segments)}"
             start = segments[-1]["start_step"] if segments else 0
             logger = ContinuingCSVLogger(save_dir=ctx.stage_dir, name="logs", version=version,

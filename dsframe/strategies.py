@@ -28,6 +28,43 @@ def forget_previous_job_port() -> None:
     strategy. A port set before dsframe started (torchrun, SLURM, the user) is kept."""
     if os.environ.get("MASTER_PORT") not in (None, _MASTER_PORT_AT_START):
         del os.environ["MASTER_PORT"]
+
+
+def pick_local_port() -> None:
+    """Choose ``MASTER_PORT`` for ranks this process starts itself, unless one is set.
+
+    Lightning would bind port 0, i.e. take a port from the kernel's ephemeral range — the range every
+    outgoing connection (gloo's among them) takes its source port from — and release it until rank 0's
+    store binds it again: on a busy machine another process can take it in between (EADDRINUSE, seen
+    with two jobs of a joblib sweep starting side by side). The ranks meet on a random port below that
+    range instead, checked free when it is chosen."""
+    import random
+    import socket
+
+    if "MASTER_PORT" in os.environ or ranks_started_externally():
+        return
+    hi = _ephemeral_low() - 1
+    lo = max(1024, hi - 12000)
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        os.environ["MASTER_PORT"] = str(port)
+        return  # nothing free below the ephemeral range: Lightning picks one as before
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems: a port below it is as good a choice
+
+
 BACKENDS = ("gloo", "nccl")
 
 

@@ -100,3 +100,28 @@ def test_a_multirun_job_does_not_inherit_the_previous_jobs_master_port(monkeypat
     monkeypatch.setenv("MASTER_PORT", "29500")
     st.forget_previous_job_port()
     assert os.environ["MASTER_PORT"] == "29500"
+
+
+def test_locally_started_ranks_meet_below_the_ephemeral_port_range(monkeypatch):
+    """Lightning's own pick (bind port 0) lies in the range outgoing connections take their source
+    ports from, where another process can take it before rank 0 binds it (EADDRINUSE under load)."""
+    import socket
+
+    import dsframe.strategies as st
+
+    for var in ("MASTER_PORT", "LOCAL_RANK", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    low = st._ephemeral_low()
+    ports = set()
+    for _ in range(5):
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        st.pick_local_port()
+        port = int(os.environ["MASTER_PORT"])
+        assert 1024 <= port < low
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free when chosen
+        ports.add(port)
+    assert len(ports) > 1  # random: two jobs starting together do not both take the same one
+    monkeypatch.setenv("MASTER_PORT", "29500")  # set by the user or torchrun: kept
+    st.pick_local_port()
+    assert os.environ["MASTER_PORT"] == "29500"
