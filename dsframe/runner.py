@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ class Runner:
         task = None
         ckpt_dir = ctx.stage_dir / "checkpoints"
         segments = _segments(ctx.stage_dir)
+        port_retries = 0
         while True:  # one Trainer per segment; a plugin ends a segment with ctx.end_segment
             trainer_cfg = spec.stage_trainer(name, segments[-1]["trainer"] if segments else None)
             factory = registry.strategies.get(spec.strategy.kind, key="strategy.kind")()
@@ -155,6 +157,13 @@ class Runner:
                 trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume is not None else None,
                             weights_only=True)  # a checkpoint is data, never code
             except Exception as exc:  # a rank of a multi-process fit died: one line, not its traceback
+                if _port_taken(exc) and port_retries < 3 and pending_signal() is None:
+                    # another process bound the port between its choice and rank 0's listen: nothing
+                    # ran yet, so the ranks start again on another one
+                    port_retries += 1
+                    log.warning("stage %s: port %s was taken before the ranks met on it; starting them again "
+                                "on another port", name, os.environ.pop("MASTER_PORT", "?"))
+                    continue
                 raise _rank_failure(exc, name, ckpt_dir) or exc
             finally:
                 raise_on_signals()
@@ -262,6 +271,13 @@ def _check_interrupted(stage_dir: Path, stage: str) -> None:
     where = (f"checkpoint at step {record['global_step']}: {record['checkpoint']}" if record
              else "no checkpoint written by this fit")
     raise Interrupted(signum, f"stage '{stage}' interrupted by {name}; {where}. Rerun the same command to resume.")
+
+
+def _port_taken(exc: BaseException) -> bool:
+    """Rank 0 of a forked fit could not listen on the rendezvous port (EADDRINUSE)."""
+    from torch.multiprocessing.spawn import ProcessException
+
+    return isinstance(exc, ProcessException) and "EADDRINUSE" in str(exc) and "MASTER_PORT" in os.environ
 
 
 def _rank_failure(exc: BaseException, stage: str, ckpt_dir: Path) -> DsframeError | None:

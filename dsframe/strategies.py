@@ -10,6 +10,7 @@ line, which under ``-m`` would re-run the whole sweep in every child.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,6 +55,7 @@ def pick_local_port() -> None:
             except OSError:
                 continue
         os.environ["MASTER_PORT"] = str(port)
+        logging.getLogger("dsframe").debug("local ranks meet on port %d (pid %d)", port, os.getpid())
         return  # nothing free below the ephemeral range: Lightning picks one as before
 
 

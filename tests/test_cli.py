@@ -1,5 +1,6 @@
 """The real command line, end to end: runs, errors, multi-process runs and sweeps."""
 import json
+import socket
 import subprocess
 import sys
 
@@ -71,8 +72,15 @@ def test_two_runs_started_together_get_different_directories(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_run_writes_one_run_directory(tmp_path):
-    proc = run_cli(*TINY, "trainer.devices=2", cwd=tmp_path)
+    # the port the ranks are told to meet on is taken (as when another process binds it between its
+    # choice and rank 0's listen): the ranks start again on another port instead of failing the stage
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli(*TINY, "trainer.devices=2", cwd=tmp_path, env={"MASTER_PORT": str(port)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"port {port} was taken before the ranks met on it" in proc.stdout + proc.stderr
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     [run_dir] = _run_dirs(tmp_path / "outputs")
     assert (run_dir / "finetune" / "stage.json").exists()
