@@ -1,6 +1,7 @@
 """Beyond one box, on loopback: two torchrun agents ("nodes") with dp across them and tp inside
 each; one node lost ends the other within the collective timeout; SLURM's environment detected."""
 import csv
+import json
 import os
 import re
 import signal
@@ -95,19 +96,18 @@ def json_metrics(run_dir):
 
 
 @pytest.mark.slow
-def test_losing_a_node_ends_the_other_within_the_timeout(tmp_path):
+def test_losing_a_node_ends_the_other_within_the_timeout_and_the_rerun_resumes(tmp_path):
     timeout_s = 10
-    procs = two_nodes(tmp_path, 1, "strategy.dp=2", "strategy.tp=1", "strategy.pp=1", "trainer.max_steps=2000",
-                      "trainer.max_epochs=100", "trainer.val_check_interval=10", f"strategy.timeout_s={timeout_s}")
+    overrides = ("strategy.dp=2", "strategy.tp=1", "strategy.pp=1", "trainer.max_steps=24", "trainer.max_epochs=100",
+                 "trainer.val_check_interval=10", f"strategy.timeout_s={timeout_s}", "checkpoint.every_n_steps=4")
+    procs = two_nodes(tmp_path, 1, *overrides)
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    ckpts = tmp_path / "run" / "train" / "checkpoints"
     try:
         t0 = time.time()
-        # fit starts right after this line (rank 0 prints it, on whichever node rank 0 landed);
-        # the CSV metrics are flushed only every 100 steps, so they cannot tell
-        while not any("estimate number of stepping batches" in f.read_text() for f in logs if f.is_file()):
-            assert time.time() - t0 < 180 and procs[0].poll() is None, logs[0].read_text()[-3000:]
-            time.sleep(0.2)
-        time.sleep(8)                                            # a few steps into training
+        while not list(ckpts.glob("step-*.ckpt")):               # the first interval checkpoint (step 4)
+            assert time.time() - t0 < 240 and procs[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.1)
         assert procs[0].poll() is None and procs[1].poll() is None
         kill_node(procs[1])                                      # node 1 is lost: its agent and workers
         killed = time.time()
@@ -123,6 +123,17 @@ def test_losing_a_node_ends_the_other_within_the_timeout(tmp_path):
     log = logs[0].read_text()
     assert re.search(rf"Connection (reset|closed) by peer|Timed out waiting {timeout_s * 1000}ms", log), log[-3000:]
     print(f"node 0 ended {took:.1f} s after node 1 was killed")
+
+    # the same command again, on both nodes: the stage resumes from the last interval checkpoint
+    procs = two_nodes(tmp_path, 1, *overrides)
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        stop(procs)
+    assert rcs == [0, 0], logs[0].read_text()[-3000:]
+    resumed = [int(m) for f in logs for m in re.findall(r"stage train: resuming from \S+ \(step (\d+)\)", f.read_text())]
+    assert resumed and min(resumed) >= 4, [f.read_text()[-2000:] for f in logs]
+    assert json.loads((tmp_path / "run" / "train" / "metrics.json").read_text())["global_step"] == 24
 
 
 SLURM_SCRIPT = """
