@@ -6,7 +6,8 @@ group adds one more Lightning logger to every fit segment:
 * ``logger=tensorboard``: event files in ``<stage>/logs/tensorboard/<segment>/``
   (``tensorboard --logdir outputs``); needs ``tensorboard`` or ``tensorboardX``;
 * ``logger=mlflow``: one MLflow run per fit segment in the experiment named after the recipe, stored
-  in ``<run dir>/mlruns`` unless ``logger.tracking_uri`` says where; needs ``mlflow``.
+  in ``<run dir>/mlflow.db`` (SQLite; MLflow 3 refuses its old ``mlruns`` file store) unless
+  ``logger.tracking_uri`` says where; needs ``mlflow`` (or ``mlflow-skinny``) and SQLAlchemy.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from dsframe.errors import ConfigError
 
 KINDS = ("csv", "tensorboard", "mlflow")
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+_ALSO = {"mlflow": ("sqlalchemy",)}  # its default store (SQLite) goes through SQLAlchemy
 
 
 @dataclass
 class LoggerConfig:
     kind: str = "csv"
-    tracking_uri: Optional[str] = None  # mlflow: where runs are stored (null: <run dir>/mlruns)
+    tracking_uri: Optional[str] = None  # mlflow: where runs are stored (null: sqlite:///<run dir>/mlflow.db)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -33,6 +35,10 @@ class LoggerConfig:
         if needs and not any(find_spec(m) for m in needs):
             raise ConfigError("logger.kind", self.kind, f"an installed logger: {self.kind} needs the package "
                               f"{' or '.join(needs)} (pip install {needs[-1]}), or logger=csv")
+        missing = [m for m in _ALSO.get(self.kind, ()) if self.tracking_uri is None and not find_spec(m)]
+        if missing:
+            raise ConfigError("logger.kind", self.kind, f"an installed logger: {self.kind}'s default store needs "
+                              f"{', '.join(missing)} (pip install {missing[0]}), or a logger.tracking_uri")
 
 
 def extra_loggers(config: Optional[LoggerConfig], stage_dir: Path, version: str, recipe: str) -> list[Any]:
@@ -46,6 +52,6 @@ def extra_loggers(config: Optional[LoggerConfig], stage_dir: Path, version: str,
     if kind == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
-        uri = config.tracking_uri or (stage_dir.parent / "mlruns").resolve().as_uri()
+        uri = config.tracking_uri or f"sqlite:///{(stage_dir.parent / 'mlflow.db').resolve()}"
         return [MLFlowLogger(experiment_name=recipe, run_name=f"{stage_dir.name}/{version}", tracking_uri=uri)]
     return []

@@ -76,10 +76,24 @@ def test_real_runs_leave_records_and_are_listed(tmp_path, compose):
                   if r.get("train/loss")]
     assert _scalars(events, "train/loss") == pytest.approx(csv_losses, abs=1e-6) and len(csv_losses) == 2
 
+    # logger=mlflow: one MLflow run per fit segment in the run directory's SQLite store, same losses
+    import mlflow
+
+    (tmp_path / "outputs" / "ml" / ".hydra").mkdir(parents=True)
+    Runner(validate(compose("recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=2", "logger=mlflow")),
+           tmp_path / "outputs" / "ml").run()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'ml' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("sentiment").experiment_id])
+    assert run.data.tags["mlflow.runName"] == "finetune/fit" and run.info.status == "FINISHED"
+    ml_losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    csv_losses = [float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / "outputs" / "ml" / "finetune" / "logs"
+                                                                       / "fit" / "metrics.csv")) if r.get("train/loss")]
+    assert ml_losses == pytest.approx(csv_losses, abs=1e-6) and len(ml_losses) == 2
+
     listed = run_cli("runs", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert len(lines) == 3 and " done " in lines[1] and "test/acc=" in lines[1] and " failed " in lines[2]
+    assert len(lines) == 4 and all(" done " in x and "test/acc=" in x for x in lines[1:3]) and " failed " in lines[3]
     missing = run_cli("runs", "nowhere", cwd=tmp_path)
     assert missing.returncode == 1 and missing.stderr.strip() == "dsframe: error: no such directory: nowhere"
 
@@ -98,7 +112,7 @@ def _scalars(path, tag):
     return values
 
 
-def test_logger_choice_is_checked(compose):
+def test_logger_choice_is_checked(compose, monkeypatch):
     from importlib.util import find_spec
 
     from dsframe.config import validate
@@ -108,6 +122,12 @@ def test_logger_choice_is_checked(compose):
     assert validate(compose("recipe=sentiment", "logger=tensorboard")).logger.kind == "tensorboard"
     with pytest.raises(ConfigError, match="logger.kind='wandb' is not allowed: one of csv, tensorboard, mlflow"):
         validate(compose("recipe=sentiment", "logger.kind=wandb"))
-    if find_spec("mlflow") is None:
-        with pytest.raises(ConfigError, match="mlflow needs the package mlflow"):
+    assert validate(compose("recipe=sentiment", "logger=mlflow")).logger.kind == "mlflow"
+    import dsframe.loggers
+
+    for absent, says in (("mlflow", "mlflow needs the package mlflow"), ("sqlalchemy", "default store needs sqlalchemy")):
+        monkeypatch.setattr(dsframe.loggers, "find_spec", lambda m, absent=absent: None if m == absent else find_spec(m))
+        with pytest.raises(ConfigError, match=says):
             validate(compose("recipe=sentiment", "logger=mlflow"))
+    # a store of one's own needs no SQLAlchemy here
+    assert validate(compose("recipe=sentiment", "logger=mlflow", "logger.tracking_uri=http://mlflow:5000")).logger
