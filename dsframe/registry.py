@@ -75,10 +75,6 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._load())
 
-    def broken(self) -> list[BrokenEntry]:
-        self._load()
-        return [b for n, b in sorted(self._broken.items()) if n not in self._extra]
-
     def require(self, name: Any, key: str | None = None) -> None:
         """Raise the ConfigError ``get`` would for a name that is not installed, without importing
         anything (an entry that fails to import is reported when it is used)."""
@@ -121,12 +117,24 @@ class Registry:
         return getattr(self.get(name, key), "Config", None)
 
     def describe(self) -> list[tuple[str, str]]:
-        """(name, one-line description) for every loadable entry."""
+        """(name, one-line description) for every installed entry: from its registered Config's
+        ``description`` when it has one (nothing imported), else from the component, imported (an
+        entry that fails to import is then listed by :meth:`broken`)."""
         rows = []
-        for name, obj in sorted(self._load().items()):
-            doc = getattr(obj, "description", None) or (getattr(obj, "__doc__", None) or "").strip()
+        for name in self.installed():
+            obj = self._extra.get(name) if name in self._extra else None
+            doc = getattr(self._registered_config(name), "description", None) if obj is None else None
+            if doc is None:
+                obj = obj if obj is not None else self._import(name)
+                if obj is None:
+                    continue
+                doc = getattr(obj, "description", None) or (getattr(obj, "__doc__", None) or "").strip()
             rows.append((name, doc.splitlines()[0] if doc else ""))
         return rows
+
+    def broken(self) -> list[BrokenEntry]:
+        """The entries that failed to import so far (``describe`` imports those it must)."""
+        return [b for n, b in sorted(self._broken.items()) if n not in self._extra]
 
 
 plugins = Registry("plugins")

@@ -71,3 +71,17 @@ def test_registered_options_match_their_components():
             assert schema is getattr(component, "Config", None), (reg.kind, name)
             if reg.kind == "encoders":
                 assert schema.modality == component.modality, name
+            if "description" in vars(schema or object) and hasattr(component, "description"):  # `list` shows it
+                assert schema.description == component.description, name
+
+
+def test_list_imports_no_torch(tmp_path):
+    """``python -m dsframe list`` describes every first-party component from its registered Config."""
+    code = ("import sys\nfrom dsframe.cli import main\nsys.argv = ['dsframe', 'list']\nmain()\n"
+            f"print('HEAVY=' + ','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY="
+    for name in ("prune", "qat", "distill", "scheduler", "bert", "gpt", "multimodal", "movie_reviews", "av_digits",
+                 "hybrid", "compress_export", "resnet", "wav2vec"):
+        assert f"\n{name} " in proc.stdout, name

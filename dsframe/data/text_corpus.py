@@ -56,7 +56,7 @@ class Windows(Dataset):
 
 
 class TextCorpusDataModule(SplitDataModule):
-    description: ClassVar[str] = "byte-level LM windows of offline text (Python's reference docs, Debian licenses, a file)"
+    description: ClassVar[str] = TextCorpusConfig.description
     Config: ClassVar[type] = TextCorpusConfig
     vocab_size: ClassVar[int] = 256
 

@@ -25,7 +25,7 @@ class BertClassifier(nn.Module):
     """A transformers ``BertModel`` + dropout + linear head over the pooled sequence."""
 
     kind: ClassVar[str] = "bert"
-    description: ClassVar[str] = "BERT-family encoder (default: packaged MiniLM-L6) with a classification head"
+    description: ClassVar[str] = BertConfig.description
     Config: ClassVar[type] = BertConfig
 
     def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float = 0.1):

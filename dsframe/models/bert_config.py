@@ -3,7 +3,7 @@ size included) is reported at once, not when transformers builds the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, ClassVar, Dict
 
 from dsframe.errors import ConfigError
 from dsframe.models import hub
@@ -14,6 +14,7 @@ ATTENTIONS = ("sdpa", "eager")
 
 @dataclass
 class BertConfig:
+    description: ClassVar[str] = "BERT-family encoder (default: packaged MiniLM-L6) with a classification head"
     kind: str = "bert"
     name_or_path: str = "minilm"  # 'minilm' = the packaged all-MiniLM-L6-v2; or a HF id / folder
     num_labels: int = 2

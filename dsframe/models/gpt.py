@@ -80,7 +80,7 @@ class GPT(nn.Module):
     """Token + position embedding → n_layer pre-norm blocks → LayerNorm → LM head."""
 
     kind: ClassVar[str] = "gpt"
-    description: ClassVar[str] = "GPT-style decoder LM (nanoGPT layout, TP plan + pipeline stages)"
+    description: ClassVar[str] = GPTConfig.description
     Config: ClassVar[type] = GPTConfig
 
     def __init__(self, config: GPTConfig):

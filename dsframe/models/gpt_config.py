@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from dsframe.errors import ConfigError
 
 
 @dataclass
 class GPTConfig:
+    description: ClassVar[str] = "GPT-style decoder LM (nanoGPT layout, TP plan + pipeline stages)"
     kind: str = "gpt"
     vocab_size: int = 256        # 256 = byte-level tokens
     block_size: int = 128        # longest sequence

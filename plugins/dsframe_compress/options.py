@@ -3,7 +3,7 @@ every value is checked when the config is, before the first stage trains."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from dsframe.errors import ConfigError
 from dsframe_qat.config import SCHEME_CHOICES
@@ -14,6 +14,7 @@ BASELINES = ("ort_fp32", "ort_int8", "bf16")
 
 @dataclass
 class ExportOptions:
+    description: ClassVar[str] = "onnx + onnxruntime int8 (fused, per-channel) of a stage's model, with the portable predict folder"
     source: Optional[str] = None  # stage whose model.pt is exported (null: the last fit stage)
     seq_len: int = 128
     fuse: bool = True             # onnxruntime BERT fusion (attention, gelu, layer norm)
@@ -41,6 +42,7 @@ class ExportOptions:
 
 @dataclass
 class EvaluateOptions:
+    description: ClassVar[str] = "test accuracy (the one read of the test split), file size and latency of every model; McNemar"
     stages: List[str] = field(default_factory=lambda: ["teacher", "prune", "qat"])  # torch fp32 models
     int8: Optional[str] = "export"  # stage holding model_int8.onnx (null: none)
     baseline: str = "teacher"       # speedup and size ratio are against this stage
@@ -76,4 +78,5 @@ class EvaluateOptions:
 
 @dataclass
 class ReportOptions:
+    description: ClassVar[str] = "report.json, report.md and report.png of the compression run"
     source: str = "evaluate"  # the evaluate stage whose metrics are reported

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from dsframe.errors import ConfigError
 
 
 @dataclass
 class DistillConfig:
+    description: ClassVar[str] = "knowledge distillation from a teacher: α·KL·τ² + (1-α)·CE, τ=3"
     teacher: str = "teacher"   # a finished stage of this run, or a path to a dsframe model file
     temperature: float = 3.0   # τ
     alpha: float = 0.7         # weight of the soft-label term

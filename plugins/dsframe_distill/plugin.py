@@ -92,7 +92,7 @@ class _LayerTap:
 
 class DistillPlugin(Plugin):
     name: ClassVar[str] = "distill"
-    description: ClassVar[str] = "knowledge distillation from a teacher: α·KL·τ² + (1-α)·CE, τ=3"
+    description: ClassVar[str] = DistillConfig.description
     Config: ClassVar[type] = DistillConfig
 
     def __init__(self, config: DistillConfig, context=None):

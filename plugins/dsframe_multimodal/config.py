@@ -23,6 +23,7 @@ AUDIO_SOURCES = ("mfcc", "waveform", "both")
 @dataclass
 class BertEncoderConfig:
     modality: ClassVar[str] = "text"  # what the encoder encodes (read without importing it)
+    description: ClassVar[str] = "text: BERT-family encoder (default: packaged MiniLM-L6, optionally frozen)"
     kind: str = "bert"
     name_or_path: str = "minilm"  # the packaged all-MiniLM-L6-v2, a local folder, or a HF id
     pretrained: bool = True       # false: the same architecture with random weights (tests, debug)
@@ -34,6 +35,7 @@ class BertEncoderConfig:
 @dataclass
 class ResNetConfig:
     modality: ClassVar[str] = "image"  # what the encoder encodes (read without importing it)
+    description: ClassVar[str] = "image: a small ResNet (GroupNorm) whose last feature map cells are the tokens"
     kind: str = "resnet"
     in_channels: int = 1
     channels: int = 32            # width of the first stage; doubles at each later stage
@@ -54,6 +56,7 @@ class ResNetConfig:
 @dataclass
 class MFCCEncoderConfig:
     modality: ClassVar[str] = "audio"  # what the encoder encodes (read without importing it)
+    description: ClassVar[str] = "audio: MFCC frames -> strided conv + transformer (frame mask)"
     kind: str = "mfcc"
     n_features: int = 13   # coefficients per frame
     layers: int = 2        # transformer layers over the (2x subsampled) frames
@@ -72,6 +75,7 @@ class MFCCEncoderConfig:
 @dataclass
 class Wav2VecConfig:
     modality: ClassVar[str] = "audio"  # what the encoder encodes (read without importing it)
+    description: ClassVar[str] = "audio: raw 16 kHz waveform -> wav2vec2-style conv feature encoder + transformer"
     kind: str = "wav2vec"
     channels: int = 64
     # wav2vec 2.0's feature encoder: 7 convolutions, 320x downsampling (20 ms frames at 16 kHz)
@@ -146,6 +150,8 @@ def _default_encoders() -> Dict[str, Any]:
 
 @dataclass
 class MultimodalConfig:
+    description: ClassVar[str] = ("multimodal sandwich: per-modality encoders, cross-modal attention, "
+                                  "sigmoid gate (or concat/mean/softmax/GMU), MLP decoder; missing modalities")
     kind: str = "multimodal"
     modalities: List[str] = field(default_factory=lambda: ["text", "image", "audio"])
     # modality -> its encoder's options; ``kind`` names an encoder of the dsframe.encoders group.
@@ -193,6 +199,8 @@ class MultimodalConfig:
 # -- data ---------------------------------------------------------------------------------------
 @dataclass
 class AVDigitsConfig:
+    description: ClassVar[str] = ("audio-visual-text digits (AV-MNIST protocol): PCA-reduced MNIST, noisy FSDD MFCC "
+                                  "or espeak-ng waveforms, noisy number words; fetched/generated once, offline")
     kind: str = "av_digits"
     modalities: List[str] = field(default_factory=lambda: list(MODALITIES))
     audio_source: str = "mfcc"  # mfcc: FSDD recordings | waveform: espeak-ng clips | both

@@ -280,8 +280,7 @@ def without(batch: dict[str, torch.Tensor], missing) -> dict[str, torch.Tensor]:
 
 
 class AVDigitsDataModule(SplitDataModule):
-    description: ClassVar[str] = ("audio-visual-text digits (AV-MNIST protocol): PCA-reduced MNIST, noisy FSDD MFCC "
-                                  "or espeak-ng waveforms, noisy number words; fetched/generated once, offline")
+    description: ClassVar[str] = AVDigitsConfig.description
     Config: ClassVar[type] = AVDigitsConfig
     num_classes: int = 10
 

@@ -85,7 +85,7 @@ class BertEncoder(Encoder):
     modality = "text"
     inputs = ("input_ids",)
     optional_inputs = ("attention_mask", "token_type_ids")
-    description = "text: BERT-family encoder (default: packaged MiniLM-L6, optionally frozen)"
+    description: ClassVar[str] = BertEncoderConfig.description
     Config = BertEncoderConfig
 
     def __init__(self, config: BertEncoderConfig, width: int, bert: nn.Module | None = None):
@@ -176,7 +176,7 @@ class ResNetEncoder(Encoder):
 
     modality = "image"
     inputs = ("image",)
-    description = "image: a small ResNet (GroupNorm) whose last feature map cells are the tokens"
+    description: ClassVar[str] = ResNetConfig.description
     Config = ResNetConfig
 
     def __init__(self, config: ResNetConfig, width: int):
@@ -214,7 +214,7 @@ class MFCCEncoder(Encoder):
     modality = "audio"
     inputs = ("audio",)
     optional_inputs = ("audio_mask",)
-    description = "audio: MFCC frames -> strided conv + transformer (frame mask)"
+    description: ClassVar[str] = MFCCEncoderConfig.description
     Config = MFCCEncoderConfig
 
     def __init__(self, config: MFCCEncoderConfig, width: int):
@@ -251,7 +251,7 @@ class Wav2VecEncoder(Encoder):
     modality = "audio"
     inputs = ("waveform",)
     optional_inputs = ("waveform_mask",)
-    description = "audio: raw 16 kHz waveform -> wav2vec2-style conv feature encoder + transformer"
+    description: ClassVar[str] = Wav2VecConfig.description
     Config = Wav2VecConfig
 
     def __init__(self, config: Wav2VecConfig, width: int):

@@ -39,8 +39,7 @@ class MultimodalClassifier(nn.Module):
     """Modality encoders + cross-modal attention + a presence-aware fusion gate + an MLP decoder."""
 
     kind: ClassVar[str] = "multimodal"
-    description: ClassVar[str] = ("multimodal sandwich: per-modality encoders, cross-modal attention, "
-                                  "sigmoid gate (or concat/mean/softmax/GMU), MLP decoder; missing modalities")
+    description: ClassVar[str] = MultimodalConfig.description
     Config: ClassVar[type] = MultimodalConfig
 
     def __init__(self, config: MultimodalConfig, encoders: dict[str, nn.Module]):

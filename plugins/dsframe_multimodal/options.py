@@ -3,18 +3,20 @@ here: every value is checked when the config is, before the first stage trains."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from dsframe.errors import ConfigError
 
 
 @dataclass
 class ReportOptions:
+    description: ClassVar[str] = "report.json, report.md and PNGs of the multimodal run (mean ± std over seeds)"
     source: str = "evaluate"
 
 
 @dataclass
 class EvaluateOptions:
+    description: ClassVar[str] = "accuracies (val, test), missing-modality accuracies, gate weights, fusion latency, per seed"
     baselines: List[str] = field(default_factory=lambda: ["text", "image", "audio"])  # unimodal fit stages
     fused: List[str] = field(default_factory=lambda: ["fused"])  # fused fit stages; the first is "the" model
     seeds_stage: Optional[str] = "seeds"  # the multimodal_seeds stage whose runs are evaluated too (null: none)
@@ -33,6 +35,7 @@ class EvaluateOptions:
 
 @dataclass
 class SeedsOptions:
+    description: ClassVar[str] = "reruns the fit stages under more seeds (one nested run per seed)"
     extra: int = 2                                   # seeds run_seed+1 .. run_seed+extra
     stages: List[str] = field(default_factory=list)  # fit stages to retrain (default: all before this one)
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from dsframe.errors import ConfigError
 
 
 @dataclass
 class PruneConfig:
+    description: ClassVar[str] = "gradual structured pruning (L1 + Taylor) that physically removes heads and FFN channels"
     amount: float = 0.5            # fraction of heads and of FFN channels removed, in [0, 1)
     head_amount: Optional[float] = None  # override for heads only (null: = amount)
     ffn_amount: Optional[float] = None  # override for FFN channels only (null: = amount)

@@ -42,7 +42,7 @@ def n_keep(n: int, fraction: float, minimum: int) -> int:
 
 class PrunePlugin(Plugin):
     name: ClassVar[str] = "prune"
-    description: ClassVar[str] = "gradual structured pruning (L1 + Taylor) that physically removes heads and FFN channels"
+    description: ClassVar[str] = PruneConfig.description
     Config: ClassVar[type] = PruneConfig
 
     def __init__(self, config: PruneConfig, context=None):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, List
 
 from dsframe.errors import ConfigError
 
@@ -12,6 +12,7 @@ ACTIVATIONS = ("per_token", "per_tensor", "none")
 
 @dataclass
 class QatConfig:
+    description: ClassVar[str] = "int8 quantization-aware training (torchao: per-channel weights, per-token activations)"
     bits: int = 8                   # only 8 is supported (int8 kernels downstream)
     activations: str = "per_token"  # per_token | per_tensor | none
     embeddings: bool = True         # fake-quantize embedding tables (int8 per row)

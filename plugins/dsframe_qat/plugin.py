@@ -92,7 +92,7 @@ def convert_qat(model: nn.Module, bake: bool = True) -> nn.Module:
 
 class QATPlugin(Plugin):
     name: ClassVar[str] = "qat"
-    description: ClassVar[str] = "int8 quantization-aware training (torchao: per-channel weights, per-token activations)"
+    description: ClassVar[str] = QatConfig.description
     Config: ClassVar[type] = QatConfig
 
     def transform(self, model: nn.Module) -> nn.Module:

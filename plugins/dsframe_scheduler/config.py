@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from dsframe.errors import ConfigError
 from dsframe.optim import LR_RULES
@@ -20,6 +20,8 @@ def _gpu_available() -> bool:
 
 @dataclass
 class SchedulerConfig:
+    description: ClassVar[str] = ("Q-learning scheduler: changes batch size (mid-epoch), precision and "
+                                  "workers of the running job")
     every_n_steps: int = 20          # a decision every n optimizer steps
     min_steps_between: int = 20      # cooldown: no change within n steps of the last one
     min_batch: int = 1               # per-worker batch size guard rails
@@ -108,6 +110,7 @@ class SchedulerConfig:
 
 @dataclass
 class ProfileOptions:
+    description: ClassVar[str] = "step time, sync time and gradient statistics per setting, into a trace folder"
     batch_sizes: List[int] = field(default_factory=lambda: [8, 16, 32])
     precisions: List[str] = field(default_factory=lambda: ["32-true", "bf16-mixed"])
     workers: List[int] = field(default_factory=lambda: [1, 2])

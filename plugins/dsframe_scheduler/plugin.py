@@ -37,8 +37,7 @@ __all__ = ["SchedulerPlugin", "SchedulerConfig"]
 
 class SchedulerPlugin(Plugin):
     name: ClassVar[str] = "scheduler"
-    description: ClassVar[str] = ("Q-learning scheduler: changes batch size (mid-epoch), precision and "
-                                  "workers of the running job")
+    description: ClassVar[str] = SchedulerConfig.description
     Config: ClassVar[type] = SchedulerConfig
 
     def __init__(self, config: SchedulerConfig, context=None):
