@@ -434,9 +434,14 @@ class SweepSummary(_HydraCallback):
         if status == "FAILED" and not (job_dir / FAILED_FILE).exists():
             record_failure(job_dir, job_return._return_value)
         try:
-            summarize(job_dir.parent)
+            result = summarize(job_dir.parent)
         except Exception as exc:  # a summary problem must never fail the job itself
             log.warning("sweep summary not updated: %s", exc)
+            return
+        # Hydra logs each job as it starts ("#k : overrides" after "Launching N jobs"): this says how it ended
+        done = result["jobs"] - result["incomplete"]
+        log.info("sweep: job #%s %s; %d finished so far (%d failed), summary in %s", hydra_cfg.job.get("num", "?"),
+                 "failed" if (job_dir / FAILED_FILE).exists() else "done", done, result["failed"], result["summary"])
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

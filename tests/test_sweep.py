@@ -80,6 +80,9 @@ def test_real_sweep_keeps_going_past_a_failed_job_and_summarises(tmp_path):
                    "optim.lr=0.0001,0", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert proc.returncode == 1
     assert "1 of 2 sweep jobs failed" in proc.stderr and "Traceback" not in proc.stderr
+    out = proc.stdout + proc.stderr  # each job's end is reported as it happens
+    assert "sweep: job #0 done; 1 finished so far (0 failed)" in out
+    assert "sweep: job #1 failed; 2 finished so far (1 failed)" in out
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert [(r["overrides"], r["status"]) for r in rows] == [("optim.lr=0.0001", "done"), ("optim.lr=0", "failed")]
     assert rows[1]["error"] == "optim.lr=0.0 is not allowed: a float > 0"
