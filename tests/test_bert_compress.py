@@ -137,7 +137,8 @@ FAST_EVAL = ("recipe.stages.evaluate.options.sentences=16", "recipe.stages.evalu
 
 
 @pytest.mark.slow
-def test_bert_compress_debug_end_to_end(tmp_path):
+def test_bert_compress_debug_end_to_end(tmp_path, caplog):
+    import logging
     import os
 
     import onnx
@@ -147,7 +148,10 @@ def test_bert_compress_debug_end_to_end(tmp_path):
     from dsframe.models.files import load_model
     from dsframe_qat.scheme import choose_scheme
 
+    caplog.set_level(logging.INFO, logger="dsframe")
     results = _run(tmp_path, *FAST_EVAL)
+    # long non-training stages report their progress (a bar on a terminal, log lines elsewhere)
+    assert any(r.getMessage().startswith("stage export: export: 4/4 (100%)") for r in caplog.records)
     for stage in ("teacher", "prune", "qat"):
         assert (tmp_path / stage / "model.pt").exists()
         assert "test" not in results[stage]  # the test split is read once, by evaluate

@@ -75,34 +75,42 @@ def export(ctx) -> dict:
     keep, unk = (None, 100)
     if opt.vocab == "train":
         keep, unk = used_token_ids(ctx.datamodule)
-    info = export_int8(model, ctx.stage_dir, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
-                       keep_token_ids=keep, unk_id=unk, unseen=opt.unseen, scheme=scheme)
-    full_vocab_mb = None
-    if keep is not None:  # the size without vocabulary pruning (which depends on the training corpus)
-        import tempfile
+    from dsframe.progress import progress
 
-        with tempfile.TemporaryDirectory() as td:
-            full = export_int8(model, td, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
-                               scheme=scheme)
-            full_vocab_mb = round(size_mb(full["onnx_int8"]), 3)
-    vocab = _vocab(model)
-    x = _val_batch(ctx.datamodule) or dummy_inputs(4, 32, vocab, seed=1)
-    with torch.no_grad():
-        ref = model(**x)
-    out32 = OrtModel(info["onnx"])(**x)
-    out8 = OrtModel(info["onnx_int8"])(**x)  # includes the effect of vocabulary pruning
+    # BERT-base size: about half a minute per step on 2 cores
+    with progress(f"stage {ctx.stage_name}: export", 2 + (keep is not None) + opt.portable) as advance:
+        info = export_int8(model, ctx.stage_dir, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
+                           keep_token_ids=keep, unk_id=unk, unseen=opt.unseen, scheme=scheme)
+        advance()
+        full_vocab_mb = None
+        if keep is not None:  # the size without vocabulary pruning (which depends on the training corpus)
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as td:
+                full = export_int8(model, td, opt.seq_len, fuse=opt.fuse, int8_embeddings=opt.int8_embeddings,
+                                   scheme=scheme)
+                full_vocab_mb = round(size_mb(full["onnx_int8"]), 3)
+            advance()
+        vocab = _vocab(model)
+        x = _val_batch(ctx.datamodule) or dummy_inputs(4, 32, vocab, seed=1)
+        with torch.no_grad():
+            ref = model(**x)
+        out32 = OrtModel(info["onnx"])(**x)
+        out8 = OrtModel(info["onnx_int8"])(**x)  # includes the effect of vocabulary pruning
+        advance()
+        portable = {}
+        if opt.portable:
+            from dsframe_compress.portable import write_portable
+
+            dm = ctx.datamodule
+            cfg = getattr(dm, "config", None)
+            portable = write_portable(ctx.stage_dir, model, getattr(dm, "tokenizer", None),
+                                      getattr(cfg, "max_length", opt.seq_len), getattr(dm, "label_names", None),
+                                      int(ref.shape[-1]))
+            advance()
     from dsframe.machine import machine_info
     from dsframe_qat.scheme import saturates
 
-    portable = {}
-    if opt.portable:
-        from dsframe_compress.portable import write_portable
-
-        dm = ctx.datamodule
-        cfg = getattr(dm, "config", None)
-        portable = write_portable(ctx.stage_dir, model, getattr(dm, "tokenizer", None),
-                                  getattr(cfg, "max_length", opt.seq_len), getattr(dm, "label_names", None),
-                                  int(ref.shape[-1]))
     return {**portable, "source": source, "scheme": scheme, "scheme_reason": why, "saturates_here": saturates(),
             "machine": machine_info(), "fused_ops": info.get("fused_ops", {}),
             "vocab_rows_kept": int(keep.numel()) if keep is not None else vocab,
