@@ -174,7 +174,12 @@ def main() -> int:
     example = article_example()
     example_2021 = article_example(cluster={"dp_hidden": 0.0},
                                    workload={"recompute": True, "sequence_parallel": False, "flash_attention": False})
+    from dsframe.machine import machine_info
+
     result = {
+        # the figures are a closed-form model of A100 clusters, the same on any CPU; the machine that
+        # computed them is recorded like every benchmark's
+        "machine": machine_info(),
         "sources": SOURCES,
         "flops_formula": "96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) (Narayanan et al. 2021; full recomputation), "
                          "V = 51200, s = 2048",
@@ -206,6 +211,9 @@ def markdown(res: dict) -> str:
         "# Planner time model vs Megatron-LM (Narayanan et al. 2021, Table 1)",
         "",
         "`python benchmarks/plan_vs_megatron.py --out benchmarks/results/plan_vs_megatron.json`",
+        "",
+        f"Computed on {res['machine'].get('cpu_model', '?')} ({', '.join(res['machine'].get('cpu_flags', []))}); "
+        "the figures are a model of A100 clusters and do not depend on this machine.",
         "",
         f"FLOPs per iteration: {res['flops_formula']}. One constant calibrated: matmul_eff = {cal['used']:.2f} "
         f"(solved {cal['solved']:.4f} on the {cal['row']} row, tp = pp = 1); errors are on the other nine rows. "

@@ -146,8 +146,17 @@ def iteration_flops(w: Workload) -> float:
     72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))."""
     L, h, _ = w.shape()
     B, s = w.global_batch, w.seq_len
-    passes = 4 if w.recompute else 3
-    return passes * 24 * B * s * L * h * h * (1 + s / (6 * h)) + 6 * B * s * h * w.vocab
+    return L * _layer_flops(w, B * s, h) + 6 * B * s * h * w.vocab
+
+
+def _passes(w: Workload) -> int:
+    """Forward, backward (= 2 forwards), and a recomputed forward with full recomputation."""
+    return 4 if w.recompute else 3
+
+
+def _layer_flops(w: Workload, tokens: int, h: int) -> float:
+    """One transformer layer over ``tokens`` tokens, every pass of a step (iteration_flops's count)."""
+    return _passes(w) * 24 * tokens * h * h * (1 + w.seq_len / (6 * h))
 
 
 @dataclass
@@ -250,9 +259,9 @@ def _evaluate(c: Cluster, w: Workload, dp: int, tp: int, pp: int) -> Layout:
         lay.why_not = f"needs {lay.mem_gb:.1f} GB > 90% of {c.gpu_mem_gb:g} GB"
 
     # one micro-batch on one GPU of a stage
-    passes = 4 if w.recompute else 3        # forward, backward (= 2 forwards), recomputed forward
+    passes = _passes(w)
     matmul = c.peak_tflops * 1e12 * c.matmul_eff
-    flops = passes * 24 * b * s * h * h * (1 + s / (6 * h)) / tp
+    flops = _layer_flops(w, b * s, h) / tp
     hbm = passes * b * s * (ELEMWISE_REPLICATED_BYTES * h / sp + ELEMWISE_SHARDED_BYTES * h / tp
                             + (0 if w.flash_attention else SCORE_BYTES * a * s / tp))
     logits = 6 * b * s * h * w.vocab / tp   # on the last stage only; spread evenly here (≤ 2 % of a stage)

@@ -207,7 +207,7 @@ def component_config(reg: registry.Registry, node: Any, key: str) -> Any:
     node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
     kind = node.get("kind")
     if kind is None:
-        raise ConfigError(f"{key}.kind", None, f"one of {', '.join(reg.names())}")
+        raise ConfigError(f"{key}.kind", None, f"one of {', '.join(reg.installed())}")
     return to_dataclass(reg.config_class(kind, key=f"{key}.kind"), node, key)
 
 

@@ -116,21 +116,24 @@ def encoders_by_modality() -> dict[str, list[str]]:
     return out
 
 
-def known_modalities() -> set[str]:
-    return set(encoders_by_modality())
-
-
-def encoder_config(modality: str, node: Any) -> Any:
-    """``model.encoders.<modality>`` checked against its encoder's Config."""
-    node = dict(node or {})
-    key, kind = f"model.encoders.{modality}.kind", node.get("kind")
-    fits = encoders_by_modality().get(modality, [])
+def check_encoder_kind(modality: str, kind: Any, by_modality: Optional[dict] = None) -> None:
+    """``kind`` is an installed encoder of ``modality`` (``by_modality``: encoders_by_modality(),
+    when the caller has it already)."""
+    key = f"model.encoders.{modality}.kind"
+    fits = (encoders_by_modality() if by_modality is None else by_modality).get(modality, [])
     if kind is None:
         raise ConfigError(key, None, f"an encoder for '{modality}': {', '.join(fits)}")
     registry.encoders.require(kind, key)
     if kind not in fits:
         raise ConfigError(key, kind, f"an encoder for '{modality}': {', '.join(fits) or '(none installed)'} "
                           f"('{kind}' encodes '{encoder_modality(kind) or '?'}')")
+
+
+def encoder_config(modality: str, node: Any, by_modality: Optional[dict] = None) -> Any:
+    """``model.encoders.<modality>`` checked against its encoder's Config."""
+    node = dict(node or {})
+    key, kind = f"model.encoders.{modality}.kind", node.get("kind")
+    check_encoder_kind(modality, kind, by_modality)
     if not registry.encoders.has_registered_config(kind):  # the class is imported anyway: check it now
         check_encoder_contract(registry.encoders.get(kind, key), kind, key)
     return to_dataclass(registry.encoders.config_class(kind, key), node, f"model.encoders.{modality}")
@@ -170,12 +173,13 @@ class MultimodalConfig:
     def __post_init__(self):
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError("model.modalities", self.modalities, "a non-empty list without repeats")
-        known = known_modalities()
+        by_modality = encoders_by_modality()
+        known = set(by_modality)
         for m in self.modalities:
             if m not in known:
                 raise ConfigError("model.modalities", m, f"one of {', '.join(sorted(known)) or '(none)'} "
                                   "(the modalities of the installed dsframe.encoders)")
-            self.encoders[m] = dataclasses.asdict(encoder_config(m, self.encoders.get(m)))
+            self.encoders[m] = dataclasses.asdict(encoder_config(m, self.encoders.get(m), by_modality))
         for m in self.encoders:
             if m not in known:  # a typo here would otherwise be silently unused
                 raise ConfigError(f"model.encoders.{m}", self.encoders[m],

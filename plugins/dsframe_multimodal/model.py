@@ -21,7 +21,7 @@ from torch import nn
 from dsframe import registry
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError, DsframeError
-from dsframe_multimodal.config import MultimodalConfig, check_encoder_contract, encoder_config
+from dsframe_multimodal.config import MultimodalConfig, check_encoder_contract, check_encoder_kind, encoder_config
 from dsframe_multimodal.fusion import CrossModalAttention, build_fusion, masked_mean
 
 
@@ -29,7 +29,7 @@ def encoder_class(modality: str, kind: Any) -> type:
     """The encoder class for ``model.encoders.<modality>`` (its Config was checked with the config),
     checked against the encoder contract."""
     key = f"model.encoders.{modality}.kind"
-    encoder_config(modality, {"kind": kind})  # the kind exists and encodes this modality
+    check_encoder_kind(modality, kind)
     cls = registry.encoders.get(kind, key=key)
     check_encoder_contract(cls, kind, key)
     return cls

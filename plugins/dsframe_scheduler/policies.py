@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,16 +51,16 @@ class Episode:
     settings: list
 
 
-class Policy:
+class Policy(abc.ABC):
     name = "policy"
     start: Optional[Setting] = None          # None: the workload's static default
 
     def reset(self, sim: ClusterSim, lam: float) -> None:
         pass
 
+    @abc.abstractmethod
     def act(self, signals: Signals, sim: ClusterSim):
         """An action (index or name), or a Setting to jump to (one restart at most)."""
-        raise NotImplementedError
 
     def observe(self, result, signals_next: Signals, sim: ClusterSim) -> None:
         pass
