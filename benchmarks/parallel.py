@@ -1,10 +1,13 @@
-"""Hybrid-parallel layouts on CPU/gloo: parity, pipeline bubble, communication, memory, balance.
+"""Hybrid-parallel layouts on CPU/gloo or CUDA/NCCL: parity, pipeline bubble, throughput,
+communication, memory, balance.
 
     python benchmarks/parallel.py --out benchmarks/results/parallel.json   # ~6 min on 2 CPU cores
     python benchmarks/parallel.py --out p.json --layouts tp2,pp2_1f1b_m4 --steps 4
+    benchmarks/parallel_gpu.sh            # the same on CUDA GPUs with NCCL (--accelerator cuda)
 
 For each layout the same GPT is trained for ``--steps`` optimizer steps (step 0 is warm-up and
-not measured) under HybridParallelStrategy on forked gloo ranks, and once in one process.
+not measured) under HybridParallelStrategy on forked ranks (gloo on CPU, NCCL on CUDA: one GPU per
+rank; layouts needing more GPUs than are visible are listed as skipped), and once in one process.
 Written per layout:
 
 * ``max_abs_diff`` — largest |weight difference| to the one-process run after training, and
@@ -16,10 +19,16 @@ Written per layout:
   split into tp (DTensor functional collectives, counted by a dispatch mode), pp (stage sends),
   dp (gradient all-reduce, or FSDP2's all-gather + reduce-scatter), next to the analytic count
   (``comm_bytes_analytic``) from the shapes;
+* ``tokens_per_s`` — global batch tokens / step time (the slowest rank's mean over the measured
+  steps), and ``speedup`` over the one-process run (same model, batch and device kind);
 * ``param_bytes_rank`` vs ``param_bytes_total`` — what one rank holds of the model;
-* ``stage_imbalance`` — max/min stage cost − 1 of the balanced pipeline split.
+* ``stage_imbalance`` — max/min stage cost − 1 of the balanced pipeline split;
+* ``pipeline_ms_per_step`` (per rank) — the schedule's time split into compute, waiting on p2p and
+  issuing p2p (the rest: the schedule's own Python and the final loss broadcast).
 
-A markdown table is written next to the JSON (same name, .md).
+On CUDA the times are the GPU's: a chunk's compute is timed with CUDA events on its stream (so a
+wait for a received activation is not counted as compute) and the schedule and step times are
+taken after synchronising. A markdown table is written next to the JSON (same name, .md).
 """
 from __future__ import annotations
 
@@ -86,11 +95,23 @@ class Probe(pl.Callback):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         probe = self
-        self.c = {"busy": 0.0, "pipe": 0.0, "step": 0.0, "tp": 0, "pp": 0, "fsdp": 0, "steps": 0}
+        self.c = {"busy": 0.0, "pipe": 0.0, "step": 0.0, "tp": 0, "pp": 0, "fsdp": 0, "steps": 0,
+                  "p2p_issue": 0.0, "p2p_wait": 0.0}
         self.active = False
+        self.cuda = trainer.strategy.root_device.type == "cuda"
+        self.chunk_events = []      # CUDA: (start, end) events of this step's compute chunks
 
         def timed(fn):
             def wrapper(*a, **k):
+                if probe.cuda and probe.active:
+                    # queued after the stream's wait for received tensors: only the chunk's kernels
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        end.record()
+                        probe.chunk_events.append((start, end))
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **k)
@@ -108,13 +129,29 @@ class Probe(pl.Callback):
 
         def counted_p2p(fn):
             def wrapper(ops, *a, **k):
-                if probe.active:
-                    probe.c["pp"] += sum(op.tensor.numel() * op.tensor.element_size()
-                                         for op in ops if op.op is dist.isend)
-                return fn(ops, *a, **k)
+                t0 = time.perf_counter()
+                try:
+                    return fn(ops, *a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["pp"] += sum(op.tensor.numel() * op.tensor.element_size()
+                                             for op in ops if op.op is dist.isend)
+                        probe.c["p2p_issue"] += time.perf_counter() - t0
             return wrapper
 
+        def waited(fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    if probe.active:
+                        probe.c["p2p_wait"] += time.perf_counter() - t0
+            return wrapper
+
+        # where a rank's non-compute time goes (host time): issuing sends/receives, waiting on them
         schedules._batch_p2p = counted_p2p(schedules._batch_p2p)   # _sorted_batch_p2p calls it too
+        schedules._wait_batch_p2p = waited(schedules._wait_batch_p2p)
 
         def counted(fn, key):
             def wrapper(*a, **k):
@@ -159,16 +196,23 @@ class Probe(pl.Callback):
             inner = strategy._run_pipeline
 
             def run_pipeline(*a, **k):
+                probe.sync()
                 t0 = time.perf_counter()
                 try:
                     return inner(*a, **k)
                 finally:
                     if probe.active:
+                        probe.sync()
                         probe.c["pipe"] += time.perf_counter() - t0
             strategy._run_pipeline = run_pipeline
 
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.active = batch_idx >= 1           # step 0: warm-up (shape inference, first allocation)
+        self.sync()
         self.dp0 = getattr(trainer.strategy, "comm_bytes", 0)
         ov = getattr(trainer.strategy, "_overlap", None)
         self.exposed0 = ov.exposed_s if ov is not None else 0.0
@@ -182,8 +226,11 @@ class Probe(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.counting:
             self.mode.__exit__(None, None, None)
+        self.sync()
         if self.active:
             self.c["step"] += time.perf_counter() - self.t0
+            self.c["busy"] += sum(a.elapsed_time(b) for a, b in self.chunk_events) / 1000.0   # ms
+            self.chunk_events.clear()
             self.c["steps"] += 1
             self.c["dp"] = self.c.get("dp", 0) + getattr(trainer.strategy, "comm_bytes", 0) - self.dp0
             ov = getattr(trainer.strategy, "_overlap", None)
@@ -199,16 +246,23 @@ class Probe(pl.Callback):
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
                     for p in pl_module.parameters())
         n = max(1, self.c["steps"])
-        me = {"rank": s.global_rank, "coords": {d: s._coord(d) for d in ("pp", "dp", "tp")},
+        distributed = hasattr(s, "_coord")     # the one-process run is probed too (its step time)
+        me = {"rank": s.global_rank, "coords": {d: s._coord(d) for d in ("pp", "dp", "tp")} if distributed else {},
               "param_bytes_rank": local, "step_s": self.c["step"] / n,
               "dp_exposed_s": self.c.get("dp_exposed_s", 0.0) / n,
               "bytes_per_step": {k: self.c.get(k, 0) // n for k in ("tp", "pp", "dp", "fsdp")}}
         if self.c["pipe"] > 0:
             me["bubble"] = 1.0 - self.c["busy"] / self.c["pipe"]
+            me["pipe_ms"] = {k: round(1000 * self.c[c] / n, 2) for k, c in (
+                ("schedule", "pipe"), ("compute", "busy"), ("p2p_wait", "p2p_wait"), ("p2p_issue", "p2p_issue"))}
         every = [None] * s.world_size
-        dist.all_gather_object(every, me)
+        if distributed:
+            dist.all_gather_object(every, me)
+        else:
+            every = [me]
         if s.global_rank == 0:
-            extra = {"stage_plan": s.stage_plan.as_dict()} if s.stage_plan is not None else {}
+            plan = getattr(s, "stage_plan", None)
+            extra = {"stage_plan": plan.as_dict()} if plan is not None else {}
             Path(self.out).write_text(json.dumps({"ranks": every, **extra}))
 
 
@@ -282,6 +336,8 @@ def main(argv=None):
                     help="AdamW parity section: steps per layout (0: skip)")
     ap.add_argument("--n-embd", type=int, default=MODEL["n_embd"],
                     help="model width: the compute per micro-batch against the schedule's fixed costs")
+    ap.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: gloo ranks, one thread each; cuda: NCCL ranks, one GPU each")
     args = ap.parse_args(argv)
     MODEL["n_embd"] = args.n_embd
     torch.set_num_threads(1)
@@ -289,20 +345,37 @@ def main(argv=None):
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         ap.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
+    from dsframe.machine import gpu_count, machine_info
+
+    gpus = gpu_count() if args.accelerator == "cuda" else 0
+    if args.accelerator == "cuda" and gpus == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        ap.error(f"--accelerator cuda: no CUDA device is visible (torch {torch.__version__}, {build}); "
+                 "run it on a machine with GPUs, or use --accelerator cpu")
+    if args.accelerator == "cuda":
+        # parity is compared in true fp32: TF32 matmuls would differ from one process by ~1e-3
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    names, skipped = fitting_layouts(names, gpus if args.accelerator == "cuda" else None)
+    for name, why in skipped.items():
+        print(f"{name:18s} skipped: {why}", flush=True)
     base = dict(steps=args.steps, global_batch=GLOBAL_BATCH, seq_len=SEQ, model={"kind": "gpt", **MODEL},
-                vocab=MODEL["vocab_size"], lr=0.1)
-    from dsframe.machine import machine_info
+                vocab=MODEL["vocab_size"], lr=0.1, accelerator=args.accelerator)
 
     results = {"model": MODEL, "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "steps": args.steps,
-               "measured_steps": args.steps - 1, "torch": torch.__version__, "backend": "gloo",
-               "machine": machine_info(), "layouts": {}}
+               "measured_steps": args.steps - 1, "torch": torch.__version__, "accelerator": args.accelerator,
+               "backend": "nccl" if args.accelerator == "cuda" else "gloo",
+               "machine": machine_info(), "layouts": {}, "skipped": skipped}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[])
+        ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[Probe(f"{tmp}/ref.probe.json")])
         ref_time = time.perf_counter() - t0
+        ref_step = json.loads(Path(f"{tmp}/ref.probe.json").read_text())["ranks"][0]["step_s"]
         n_params = sum(v.numel() for v in ref["params"].values())
         results["param_bytes_total"] = n_params * 4
         results["one_process_wall_s"] = round(ref_time, 2)
+        results["one_process_step_s"] = round(ref_step, 4)
+        results["one_process_tokens_per_s"] = round(GLOBAL_BATCH * SEQ / ref_step, 1)
         for name in names:
             lay = LAYOUTS[name]
             probe_file = f"{tmp}/{name}.probe.json"
@@ -311,7 +384,10 @@ def main(argv=None):
             wall = time.perf_counter() - t0
             probe = json.loads(Path(probe_file).read_text())
             p, m = lay.get("pp", 1), lay.get("micro_batches", 1)
+            step = max(r["step_s"] for r in probe["ranks"])   # the step ends when the slowest rank's does
             row = {"layout": lay, "world_size": len(probe["ranks"]), "wall_s": round(wall, 2),
+                   "step_s": round(step, 4), "tokens_per_s": round(GLOBAL_BATCH * SEQ / step, 1),
+                   "speedup": round(ref_step / step, 3),
                    "max_abs_diff": max_abs_diff(res["params"], ref["params"]),
                    "loss_max_abs_diff": max(abs(a - b) for a, b in zip(res["losses"], ref["losses"])),
                    "param_bytes_total": n_params * 4, "ranks": []}
@@ -323,6 +399,7 @@ def main(argv=None):
                       "comm_bytes_analytic": analytic_bytes(lay, r, n_params)}
                 if "bubble" in r:
                     rr["bubble_measured"] = round(r["bubble"], 4)
+                    rr["pipeline_ms_per_step"] = r["pipe_ms"]   # first run: schedule, compute, p2p wait/issue
                 row["ranks"].append(rr)
             if p > 1:
                 row["bubble_theoretical"] = round(theory_bubble(lay.get("schedule", "1f1b"), p, m), 4)
@@ -347,7 +424,8 @@ def main(argv=None):
                   + (f"bubble {row['bubble_measured_mean']:.3f} (theory {row['bubble_theoretical']:.3f})  "
                      if p > 1 else "") + f"wall {wall:.1f}s", flush=True)
         if args.adamw_steps:
-            results["adamw_parity"] = adamw_parity(base, args.adamw_steps, tmp)
+            results["adamw_parity"] = adamw_parity(base, args.adamw_steps, tmp,
+                                                   gpus if args.accelerator == "cuda" else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -361,7 +439,22 @@ ADAMW_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batches=2), "dp2_tp2
                  "pp2_interleaved": dict(pp=2, micro_batches=4, schedule="interleaved_1f1b")}
 
 
-def adamw_parity(base: dict, steps: int, tmp: str) -> dict:
+def world_size(layout: dict) -> int:
+    return layout.get("dp", 1) * layout.get("tp", 1) * layout.get("pp", 1)
+
+
+def fitting_layouts(names: list[str], gpus: int | None, layouts: dict | None = None) -> tuple[list[str], dict]:
+    """The layouts that can run (``gpus`` None: CPU ranks, any number) and, for the others, why not:
+    NCCL takes one GPU per rank (two ranks cannot share a GPU)."""
+    layouts = LAYOUTS if layouts is None else layouts
+    if gpus is None:
+        return list(names), {}
+    fit = [n for n in names if world_size(layouts[n]) <= gpus]
+    return fit, {n: f"needs {world_size(layouts[n])} GPUs (one per rank), {gpus} visible"
+                 for n in names if n not in fit}
+
+
+def adamw_parity(base: dict, steps: int, tmp: str, gpus: int | None = None) -> dict:
     """The task's AdamW (weight decay 0.01 on matrices, LR decaying linearly by samples) for ``steps``
     steps per layout vs one process: loss curves, and weights split into attention key biases (exact
     gradient 0: Adam turns round-off into up-to-lr steps) and all others."""
@@ -369,7 +462,10 @@ def adamw_parity(base: dict, steps: int, tmp: str) -> dict:
     ref = run(RunSpec(**spec), f"{tmp}/adamw_ref.pt")
     rows = {"steps": steps, "lr": 1e-3, "loss_first_last_one_process": [ref["losses"][0], ref["losses"][-1]],
             "layouts": {}}
-    for name, lay in ADAMW_LAYOUTS.items():
+    names, skipped = fitting_layouts(list(ADAMW_LAYOUTS), gpus, ADAMW_LAYOUTS)
+    rows["skipped"] = skipped
+    for name in names:
+        lay = ADAMW_LAYOUTS[name]
         res = run(RunSpec(layout=lay, **spec), f"{tmp}/adamw_{name}.pt")
         live = [k for k in ref["params"] if not k.endswith("attn.k.bias")]
         null = [k for k in ref["params"] if k.endswith("attn.k.bias")]
@@ -383,12 +479,16 @@ def adamw_parity(base: dict, steps: int, tmp: str) -> dict:
 
 def markdown(results: dict) -> str:
     m = results.get("machine", {})
+    gpu = f", {m['gpus']} × {m.get('gpu', 'GPU')}" if m.get("gpus") else ""
+    ref = results.get("one_process_tokens_per_s")
     lines = [f"Machine: {m.get('cpu_model', '?')} ({m.get('arch', '?')}, {m.get('cpus', '?')} CPUs; "
-             f"{' '.join(m.get('cpu_flags', []))}), torch {m.get('torch', '?')}, load average "
-             f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after.", "",
+             f"{' '.join(m.get('cpu_flags', []))}{gpu}), torch {m.get('torch', '?')}, "
+             f"{results.get('accelerator', 'cpu')}/{results.get('backend', 'gloo')}, load average "
+             f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after."
+             + (f" One process: {ref:,.0f} tokens/s." if ref else ""), "",
              "| layout | ranks | max_abs_diff | bubble measured median (min–max) / theory | imbalance | "
-             "comm bytes/step rank 0 (measured / analytic) | params on rank 0 |",
-             "|---|---|---|---|---|---|---|"]
+             "comm bytes/step rank 0 (measured / analytic) | params on rank 0 | tokens/s (× one process) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():
         r0 = r["ranks"][0]
         meas = sum(r0["comm_bytes_per_step"].values())
@@ -397,8 +497,11 @@ def markdown(results: dict) -> str:
         bub = (f"{r['bubble_measured_mean']:.3f} ({min(runs):.3f}–{max(runs):.3f}) / {r['bubble_theoretical']:.3f}"
                if "bubble_theoretical" in r else "–")
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
+        tps = f"{r['tokens_per_s']:,.0f} ({r['speedup']:.2f})" if "tokens_per_s" in r else "–"
         lines.append(f"| {name} | {r['world_size']} | {r['max_abs_diff']:.1e} | {bub} | {imb} | "
-                     f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % |")
+                     f"{meas:,} / {ana:,} | {100 * r0['param_fraction']:.0f} % | {tps} |")
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"| {name} | – | skipped: {why} | | | | | |")
     hidden = {n: r for n, r in results["layouts"].items() if "dp_comm_hidden_fraction" in r}
     if hidden:
         lines += ["", "| overlapped dp layout | dp all-reduce wait per step, overlapped / after backward | "
@@ -416,6 +519,8 @@ def markdown(results: dict) -> str:
         for name, r in ad["layouts"].items():
             lines.append(f"| {name} | {r['loss_max_abs_diff']:.1e} | {r['weights_max_abs_diff']:.1e} | "
                          f"{r['key_bias_max_abs_diff']:.1e} |")
+        for name, why in ad.get("skipped", {}).items():
+            lines.append(f"| {name} | skipped: {why} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from functools import lru_cache
 
 # flags that decide which int8 / bf16 kernels run (and whether u8s8 int8 saturates)
@@ -54,12 +55,43 @@ def machine_info() -> dict:
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     except OSError:
         pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    gpus = gpu_count()
+    if gpus:
+        info["gpus"] = gpus
+        name = gpu_name()
+        if name:
+            info["gpu"] = name
     return info
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to this process, counted without initialising CUDA here (torch asks
+    NVML; ``torch.cuda.is_available()`` would initialise it): a process that has initialised CUDA
+    can no longer fork training ranks, and dsframe checks configs and writes records in the parent."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name, as fork-safe as :func:`gpu_count`: torch's if CUDA is already up in
+    this process, else nvidia-smi's; None if neither answers."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(0)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return names[0] if out.returncode == 0 and names else None
 
 
 def describe() -> str:
     """One line for reports: 'AMD EPYC (x86_64, 2 CPUs; avx2 avx512_vnni ...)'."""
     info = machine_info()
-    return f"{info['cpu_model']} ({info['arch']}, {info['cpus']} CPUs; {' '.join(info['cpu_flags']) or 'no listed flags'})"
+    flags = " ".join(info["cpu_flags"]) or "no listed flags"
+    gpus = f"; {info['gpus']} × {info.get('gpu', 'GPU')}" if info.get("gpus") else ""
+    return f"{info['cpu_model']} ({info['arch']}, {info['cpus']} CPUs; {flags}{gpus})"

@@ -118,9 +118,9 @@ class LaunchConfig:
     def resolved_backend(self, accelerator: str) -> str:
         if self.backend:
             return self.backend
-        import torch
+        from dsframe.machine import gpu_count
 
-        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpu_count() > 0)
         return "nccl" if gpu else "gloo"
 
 

@@ -81,24 +81,31 @@ def estimate_costs(model: nn.Module, seq_len: int | None) -> dict[str, float]:
     return costs
 
 
-def measure_costs(model: nn.Module, example: dict, repeats: int = 3) -> dict[str, float]:
+def measure_costs(model: nn.Module, example: dict, repeats: int = 3,
+                  device: torch.device | None = None) -> dict[str, float]:
     """Measured forward+backward seconds of each unit, as a one-unit pipeline stage (the first with
     the input end, the last with the output end) fed the previous one's output, starting from
-    ``model.pipeline_inputs(example)``. The stages are copies: the model's gradients stay untouched."""
+    ``model.pipeline_inputs(example)``, on ``device`` (default: where the model is; the strategy
+    passes the rank's own, so a GPU run balances GPU times). The stages are copies: the model's
+    gradients stay untouched."""
     units = model.pipeline_units()
     n = len(units)
-    x = tuple(model.pipeline_inputs(example))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = tuple(t.to(device) for t in model.pipeline_inputs(example))
     times = {}
     with torch.enable_grad():
         for i, u in enumerate(units):
-            stage = model.pipeline_stage([u], first=i == 0, last=i == n - 1)
+            stage = model.pipeline_stage([u], first=i == 0, last=i == n - 1).to(device)
             best = float("inf")
             for _ in range(repeats):
                 args = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+                sync()
                 t0 = time.perf_counter()
                 out = stage(*args)
                 outs = out if isinstance(out, tuple) else (out,)
                 sum(o.float().sum() for o in outs if o.requires_grad).backward()
+                sync()
                 best = min(best, time.perf_counter() - t0)
             times[u] = best
             with torch.no_grad():
@@ -108,11 +115,13 @@ def measure_costs(model: nn.Module, example: dict, repeats: int = 3) -> dict[str
 
 
 def plan_stages(model: nn.Module, num_stages: int, seq_len: int | None = None, method: str = "flops",
-                example: dict | None = None) -> StagePlan:
-    """Contiguous split of ``model.pipeline_units()`` into ``num_stages`` stages of balanced cost."""
+                example: dict | None = None, device: torch.device | None = None) -> StagePlan:
+    """Contiguous split of ``model.pipeline_units()`` into ``num_stages`` stages of balanced cost
+    (``device``: where ``measured`` times the units)."""
     units = model.pipeline_units()
     if method == "measured":
-        costs = measure_costs(model, example if example is not None else model.pipeline_example(2, seq_len))
+        costs = measure_costs(model, example if example is not None else model.pipeline_example(2, seq_len),
+                              device=device)
     elif method == "flops":
         costs = estimate_costs(model, seq_len)
     elif method == "uniform":

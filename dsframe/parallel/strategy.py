@@ -165,6 +165,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
+        # as Lightning's Strategy does: on CUDA this makes the rank's own GPU current before NCCL and
+        # the DeviceMesh use the current device (left out, every rank of a node would use GPU 0)
+        self.accelerator.setup_device(self.root_device)
         self._setup_distributed()
         self.dims.validate_world(self.world_size)
         self._device_mesh = init_device_mesh(self.root_device.type, self.dims.mesh_shape,
@@ -221,7 +224,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 raise RuntimeError(f"plugins {adds_loss} add a loss term, which a pipeline schedule (pp > 1) "
                                    f"does not apply: use pp=1 with them")
             measured = self.balance == "measured"
-            plan = [plan_stages(model, d.num_stages, self.seq_len, method=self.balance)
+            plan = [plan_stages(model, d.num_stages, self.seq_len, method=self.balance, device=self.root_device)
                     if self.global_rank == 0 or not measured else None]
             if measured:   # timings differ per rank: everyone takes rank 0's split
                 dist.broadcast_object_list(plan, src=0)

@@ -84,7 +84,7 @@ class Recorder(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         s = trainer.strategy
         params = s.full_state_dict() if hasattr(s, "full_state_dict") else {
-            k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
         extra = {}
         if hasattr(s, "stage_plan") and s.stage_plan is not None:
             extra["stage_plan"] = s.stage_plan.as_dict()
@@ -115,6 +115,9 @@ class RunSpec:
     resume_from: Optional[str] = None
     clip: Optional[float] = None      # gradient_clip_val
     precision: str = "32-true"
+    accelerator: str = "cpu"          # cpu (gloo) | cuda (nccl, one GPU per rank; since forked ranks
+                                      # the parent must not initialise CUDA before forking: the
+                                      # one-process reference then runs in a forked child too)
 
 
 def build_model(spec: RunSpec):
@@ -148,8 +151,27 @@ def _sgd_task_class(base):
     return SGDTask
 
 
-def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
-    """Train ``spec`` (forked ranks when ``spec.layout`` is given); returns what rank 0 recorded."""
+def run(spec: RunSpec, out: str, callbacks: list | None = None, fork_reference: bool | None = None) -> dict:
+    """Train ``spec`` (forked ranks when ``spec.layout`` is given); returns what rank 0 recorded.
+    ``fork_reference``: run a one-process spec in a forked child (default: on CUDA, where a parent
+    that has initialised CUDA could not fork the ranks of the next layout)."""
+    if fork_reference is None:
+        fork_reference = spec.accelerator != "cpu"
+    if fork_reference and not spec.layout:
+        import multiprocessing
+
+        child = multiprocessing.get_context("fork").Process(target=_fit, args=(spec, out, callbacks))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the one-process {spec.accelerator} run failed (exit code {child.exitcode})")
+        result = torch.load(out, weights_only=True, map_location="cpu")
+        result["parent_params"] = result["params"]
+        return result
+    return _fit(spec, out, callbacks)
+
+
+def _fit(spec: RunSpec, out: str, callbacks: list | None) -> dict:
     from dsframe.parallel.strategy import HybridParallelStrategy
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -174,7 +196,7 @@ def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
     # would read batch 1), so fix the total here, counted as the task counts (samples of every replica)
     task.total_samples = spec.steps * spec.accumulate * spec.global_batch
     callbacks = [*(callbacks or []), Recorder(out)] + ([_SaveAtEnd(spec.ckpt_dir)] if spec.ckpt_dir else [])
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=spec.steps,
+    trainer = pl.Trainer(accelerator=spec.accelerator, devices=devices, strategy=strategy, max_steps=spec.steps,
                          accumulate_grad_batches=spec.accumulate, use_distributed_sampler=False,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -183,7 +205,7 @@ def run(spec: RunSpec, out: str, callbacks: list | None = None) -> dict:
     trainer.fit(task, datamodule=data, ckpt_path=spec.resume_from)
     if trainer.global_rank != 0:   # launched by torchrun/SLURM: every rank runs this; rank 0 reports
         return {}
-    result = torch.load(out, weights_only=True)
+    result = torch.load(out, weights_only=True, map_location="cpu")
     # what the launching process holds after fit (the forked ranks hand the whole model back)
     result["parent_params"] = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     return result

@@ -12,8 +12,10 @@ from dsframe_scheduler.agent import ACTIONS, PRECISIONS, REWARD_FORMS, Limits, S
 
 def _gpu_available() -> bool:
     try:
-        import torch  # only when max_batch is left unset: the common case stays torch-free
-        return torch.cuda.is_available()
+        # only when max_batch is left unset: the common case stays torch-free. Counted without
+        # initialising CUDA (the config is checked in the parent, which may fork training ranks)
+        from dsframe.machine import gpu_count
+        return gpu_count() > 0
     except Exception:
         return False
 
