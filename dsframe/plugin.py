@@ -93,6 +93,15 @@ class StageContext:
                                                           "trainer": changes, "reason": reason})
         trainer.save_checkpoint(self.stage_dir / "checkpoints" / SEGMENT_CHECKPOINT)
 
+    def options(self, schema: type) -> Any:
+        """This stage's ``options`` as an instance of the stage function's ``schema`` dataclass
+        (defaults filled in, types and ``__post_init__`` checks applied); an unknown key or a bad
+        value is one ConfigError naming ``recipe.stages.<stage>.options.<key>``."""
+        from dsframe.config.structured import to_dataclass
+
+        raw = getattr(self.stage, "options", None) if self.stage is not None else None
+        return to_dataclass(schema, dict(raw or {}), f"recipe.stages.{self.stage_name}.options")
+
     def artifact(self, stage_name: str, filename: str = "model.pt") -> Path:
         """A file written by an earlier stage of this run; a clear error if it is not there."""
         path = self.run_dir / stage_name / filename

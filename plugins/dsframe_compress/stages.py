@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,16 +19,6 @@ from dsframe.errors import ConfigError, DsframeError
 from dsframe_compress.options import EvaluateOptions, ExportOptions, ReportOptions
 
 log = logging.getLogger("dsframe")
-
-
-def _options(cls, ctx) -> Any:
-    raw = dict(getattr(ctx.stage, "options", None) or {})
-    names = {f for f in cls.__dataclass_fields__}
-    for k in raw:
-        if k not in names:
-            raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.{k}", raw[k],
-                              f"one of {', '.join(sorted(names))}")
-    return cls(**raw)
 
 
 def _previous_fit_stage(ctx) -> str:
@@ -68,7 +57,7 @@ def export(ctx) -> dict:
     from dsframe_compress.int8 import OrtModel, export_int8
     from dsframe_compress.measure import dummy_inputs, size_mb
 
-    opt = _options(ExportOptions, ctx)
+    opt = ctx.options(ExportOptions)
     source = opt.source or _previous_fit_stage(ctx)
     scheme, why = export_scheme(opt.scheme, ctx.run_dir / source, f"recipe.stages.{ctx.stage_name}.options.scheme")
     model = load_model(ctx.artifact(source)).eval()
@@ -165,7 +154,7 @@ def evaluate(ctx) -> dict:
     from dsframe_compress.measure import (accuracy, fixed_workload, mcnemar, measure_latency, medians,
                                           ort_runner, sentence_workload, size_mb, torch_runner)
 
-    opt = _options(EvaluateOptions, ctx)
+    opt = ctx.options(EvaluateOptions)
     dm = ctx.datamodule
     dm.setup("test")
     loader = dm.test_dataloader()
@@ -261,7 +250,7 @@ def report(ctx) -> dict:
     from dsframe.io import write_json, write_text
     from dsframe.machine import machine_info
 
-    opt = _options(ReportOptions, ctx)
+    opt = ctx.options(ReportOptions)
     src = ctx.run_dir / opt.source / "metrics.json"
     if opt.source in (ctx.results or {}):
         ev = ctx.results[opt.source]

@@ -29,15 +29,6 @@ log = logging.getLogger("dsframe")
 ARTICLE_GAIN = 17.3  # points over a single modality, the source article's claim
 
 
-def _options(cls, ctx) -> Any:
-    raw = dict(getattr(ctx.stage, "options", None) or {})
-    names = set(cls.__dataclass_fields__)
-    for k in raw:
-        if k not in names:
-            raise ConfigError(f"recipe.stages.{ctx.stage_name}.options.{k}", raw[k], f"one of {', '.join(sorted(names))}")
-    return cls(**raw)
-
-
 # -- more seeds ----------------------------------------------------------------------------------
 def train_seeds(ctx) -> dict:
     """Rerun the fit stages with other seeds through the real Runner, one nested run per seed."""
@@ -46,7 +37,7 @@ def train_seeds(ctx) -> dict:
     from dsframe.config.schema import validate
     from dsframe.runner import Runner
 
-    opt = _options(SeedsOptions, ctx)
+    opt = ctx.options(SeedsOptions)
     names = list(ctx.cfg.recipe.stages.keys())
     before = names[:names.index(ctx.stage_name)]
     stages = opt.stages or [n for n in before if ctx.cfg.recipe.stages[n].get("run", "fit") == "fit"]
@@ -109,7 +100,7 @@ def evaluate(ctx) -> dict:
 
     from dsframe_multimodal.model import fusion_latency
 
-    opt = _options(EvaluateOptions, ctx)
+    opt = ctx.options(EvaluateOptions)
     dm = ctx.datamodule
     dirs = {int(ctx.cfg.get("seed", 42)): ctx.run_dir}
     if opt.seeds_stage:
@@ -208,7 +199,7 @@ def report(ctx) -> dict:
     from dsframe.io import write_json, write_text
     from dsframe.machine import machine_info
 
-    opt = _options(ReportOptions, ctx)
+    opt = ctx.options(ReportOptions)
     ev = ctx.results.get(opt.source)
     if not ev or "summary" not in ev:
         raise DsframeError(f"stage '{ctx.stage_name}' needs the results of stage '{opt.source}' (multimodal_evaluate)")

@@ -168,7 +168,7 @@ def profile(ctx: Any) -> dict:
     from dsframe import registry
     from dsframe.machine import machine_info
 
-    opts = _options(ctx.stage.options if ctx.stage is not None else {})
+    opts = ctx.options(ProfileOptions)
     spec = ctx.cfg
     model = registry.models.get(spec.model.kind, key="model.kind").build(_model_config(spec))
     dm = ctx.datamodule
@@ -187,12 +187,6 @@ def profile(ctx: Any) -> dict:
     write_json(out / "profile.json", {"machine": machine_info(), "options": vars(opts),
                                       "model": spec.model.kind})
     return {"settings": len(rows), "trace": str(out)}
-
-
-def _options(raw: dict) -> ProfileOptions:
-    from dsframe.config.structured import to_dataclass
-
-    return to_dataclass(ProfileOptions, dict(raw or {}), "options")
 
 
 def _model_config(cfg):
