@@ -18,7 +18,6 @@ Writes JSON (with ``machine_info()``) and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -90,7 +89,6 @@ def file_faults(work: Path, plugin_dir: Path) -> list[dict]:
     good = work / "good"
     rc, err = run_cli([*TINY, f"hydra.run.dir={good}"], work, plugin_dir)
     assert rc == 0, err
-    ckpts = good / "finetune" / "checkpoints"
 
     def loads(path: Path) -> bool:
         try:

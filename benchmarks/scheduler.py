@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -151,8 +150,8 @@ def markdown(result: dict) -> str:
         for r in wres["calibration_error"]["per_setting"]:
             lines.append(f"| {r['workers']} | {r['local_bsz']:g} | {r['precision']} | {r['measured_s']} | "
                          f"{r['simulated_s']} | {r['abs_pct']} % | {'yes' if r['held_out'] else ''} |")
-    lines += ["", f"The article claims a 42 % lower training cost; 'Q vs static' is the same comparison "
-              f"(the fixed configuration a user starts with)."]
+    lines += ["", "The article claims a 42 % lower training cost; 'Q vs static' is the same comparison "
+              "(the fixed configuration a user starts with)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,5 @@
 """Beyond one box, on loopback: two torchrun agents ("nodes") with dp across them and tp inside
 each; one node lost ends the other within the collective timeout; SLURM's environment detected."""
-import csv
 import json
 import os
 import re
@@ -30,7 +29,7 @@ def free_port() -> int:
 def two_nodes(cwd, nproc: int, *overrides):
     """Two torchrun agents, each its own process group (a node), joined by a c10d rendezvous."""
     port = free_port()
-    common = [f"--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+    common = ["--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
               f"--rdzv-id=t{port}", "-m", "dsframe", *LM, f"trainer.devices={nproc}", "trainer.num_nodes=2", *overrides]
     return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--node-rank={k}", *common], cwd=cwd,
                              env=ENV, stdout=open(cwd / f"node{k}.log", "w"), stderr=subprocess.STDOUT,

@@ -24,7 +24,7 @@ from dsframe_scheduler.plugin import SchedulerConfig, SchedulerPlugin
 from dsframe_scheduler.agent import ACTIONS, QLearner, StateBins, n_states
 from dsframe_scheduler.signals import GradientNoiseScale, LocalMonitor, comm_latency_ms
 
-from .conftest import REPO, run_cli
+from .conftest import run_cli
 
 # 128 samples in batches of 16: 8 steps an epoch
 TINY = ("recipe=sentiment", "debug=tiny", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1",

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from dsframe_scheduler.agent import (
-    ACTIONS, FULL_PRECISION, QLearner, Setting, Signals, StateBins, allowed_actions,
+    ACTIONS, QLearner, Setting, Signals, StateBins, allowed_actions,
     conservative_heuristic, encode_state, follow_advice, n_states, next_setting, reward,
 )
 from dsframe.errors import ConfigError

@@ -46,7 +46,7 @@ import numpy as np
 
 from dsframe.errors import ConfigError, DsframeError
 from dsframe_scheduler.agent import (
-    ACTIONS, FULL_PRECISION, PRECISIONS, Limits, Setting, Signals, next_setting,
+    FULL_PRECISION, PRECISIONS, Limits, Setting, Signals, next_setting,
 )
 
 __all__ = ["Trace", "read_trace", "WorkloadSpec", "PerfModel", "StatModel", "Workload",
