@@ -95,3 +95,57 @@ def test_overlapped_buckets_start_during_backward_and_average(tmp_path):
     assert err <= 1e-7                          # the dp average, as a flat all-reduce gives it
     assert buckets == calls == 6                # one bucket per parameter, each sent once
     assert started >= 4                         # 4 later buckets started before backward reached layer 0
+
+
+def _hierarchical_overlap_worker(rank, world, out):
+    import threading
+
+    from dsframe.parallel.comm import HierarchicalAllReduce
+    from dsframe.parallel.overlap import OverlappedGradSync
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3))
+    params = list(net.parameters())
+    h = HierarchicalAllReduce.for_world(ranks_per_node=2)
+    backward_done = threading.Event()
+    seen = []     # per bucket chain: (backward had ended when the chain was allowed to go on, its thread)
+
+    def chain(flat):
+        # a chain started inside a gradient hook would block backward: it could never see its end
+        seen.append((backward_done.wait(timeout=20), threading.current_thread().name))
+        return h(flat)
+    chain.bytes_sent = 0
+    sync = OverlappedGradSync(params, dist.group.WORLD, world, bucket_bytes=1, hierarchical=chain)
+    params[0].register_post_accumulate_grad_hook(lambda p: backward_done.set())   # the end of backward
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    local = [p.grad.clone() for p in params]
+    net.zero_grad()
+    backward_done.clear()
+    sync.arm()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    sync.finish()
+    sync.remove()
+    expect = []
+    for g_ in local:
+        g_ = g_.clone()
+        dist.all_reduce(g_)
+        expect.append(g_ / world)
+    err = max((p.grad - e).abs().max().item() for p, e in zip(params, expect))
+    res = torch.tensor([err, float(len(seen)), float(all(ok for ok, _ in seen)),
+                        float(all(name.startswith("dsframe-hier-allreduce") for _, name in seen))])
+    every = [torch.zeros_like(res) for _ in range(world)]
+    dist.all_gather(every, res)
+    if rank == 0:
+        torch.save(torch.stack(every), out)
+
+
+@pytest.mark.slow
+def test_hierarchical_buckets_run_beside_backward_and_average(tmp_path):
+    res = torch.load(run_forked(_hierarchical_overlap_worker, 4, tmp_path))
+    assert res[:, 0].max() <= 1e-6            # the dp average over 2 nodes × 2 ranks, as a flat all-reduce
+    assert res[:, 1].tolist() == [6.0] * 4    # one chain per bucket (one parameter each)
+    assert res[:, 2].tolist() == [1.0] * 4    # every chain waited for the end of backward without blocking it
+    assert res[:, 3].tolist() == [1.0] * 4    # ... on the helper thread

@@ -8,14 +8,17 @@ on with the earlier layers. :meth:`finish` (before the optimizer step) waits for
 all-reduces and copies the averages back.
 
 Only the backward of an optimizer step's last accumulation micro-step starts communication
-(:meth:`arm`). With the hierarchical all-reduce a bucket's three steps run inside the hook
-(bucketed and started during backward, but blocking it: gloo/NCCL give no way to chain the three
-collectives asynchronously without a helper thread). ``exposed_s`` is the communication time not
-hidden behind backward: what :meth:`finish` waited, plus the blocking hierarchical buckets.
+(:meth:`arm`). The hierarchical all-reduce is three dependent collectives (reduce inside the node,
+all-reduce across nodes, broadcast inside the node), which gloo and NCCL cannot chain as one
+asynchronous operation: a bucket's chain runs on a helper thread instead, one thread per rank so
+that every rank issues the buckets in the same order, while autograd goes on (the collectives
+release the GIL while they wait). ``exposed_s`` is the communication time not hidden behind
+backward: what :meth:`finish` waited.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -31,6 +34,8 @@ class OverlappedGradSync:
     def __init__(self, params: list[nn.Parameter], group, dp: int, bucket_bytes: int,
                  hierarchical: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.group, self.dp, self.hierarchical = group, dp, hierarchical
+        self._chains = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsframe-hier-allreduce")
+                        if hierarchical is not None else None)
         self.buckets: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in reversed(params):
@@ -68,18 +73,18 @@ class OverlappedGradSync:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.dp)
-        if self.hierarchical is not None:
-            before = getattr(self.hierarchical, "bytes_sent", 0)
-            t0 = time.perf_counter()
-            self.hierarchical(flat)
-            self.exposed_s += time.perf_counter() - t0      # it blocks backward: not hidden
-            self.bytes_sent += getattr(self.hierarchical, "bytes_sent", 0) - before
-            work = None
+        if self._chains is not None:
+            work = self._chains.submit(self._hierarchical, flat)
         else:
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             self.bytes_sent += flat.numel() * flat.element_size()
         self.calls += 1
         self.launched.append((b, flat, work, grads))
+
+    def _hierarchical(self, flat: torch.Tensor) -> None:
+        before = getattr(self.hierarchical, "bytes_sent", 0)
+        self.hierarchical(flat)
+        self.bytes_sent += getattr(self.hierarchical, "bytes_sent", 0) - before
 
     def finish(self) -> None:
         """Wait for the bucket all-reduces and write the averaged gradients back. Buckets that never
@@ -90,7 +95,9 @@ class OverlappedGradSync:
                 self._launch(b)
         t0 = time.perf_counter()
         for _, _, work, _ in self.launched:
-            if work is not None:
+            if isinstance(work, Future):
+                work.result()          # re-raises what the chain raised (a timed-out peer, ...)
+            else:
                 work.wait()
         self.exposed_s += time.perf_counter() - t0
         for _, flat, _, grads in self.launched:
@@ -105,3 +112,5 @@ class OverlappedGradSync:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        if self._chains is not None:
+            self._chains.shutdown(wait=True)

@@ -464,6 +464,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self._whole.load_state_dict(full)
             setattr(self.lightning_module, self.model_attr, self._whole)
 
+    def teardown(self) -> None:
+        if self._overlap is not None:      # its gradient hooks and the hierarchical helper thread
+            self._overlap.remove()
+            self._overlap = None
+        super().teardown()
+
     # ---------------------------------------------------------------- misc
     def reduce(self, tensor, group=None, reduce_op="mean"):
         if isinstance(tensor, torch.Tensor):
