@@ -82,6 +82,8 @@ class OverlappedGradSync:
         self.launched.append((b, flat, work, grads))
 
     def _hierarchical(self, flat: torch.Tensor) -> None:
+        if flat.is_cuda:                # the current GPU is per thread: a new one starts on GPU 0
+            torch.cuda.set_device(flat.device)
         before = getattr(self.hierarchical, "bytes_sent", 0)
         self.hierarchical(flat)
         self.bytes_sent += getattr(self.hierarchical, "bytes_sent", 0) - before
