@@ -24,7 +24,10 @@ Written per layout:
 * ``param_bytes_rank`` vs ``param_bytes_total`` — what one rank holds of the model;
 * ``stage_imbalance`` — max/min stage cost − 1 of the balanced pipeline split;
 * ``pipeline_ms_per_step`` (per rank) — the schedule's time split into compute, waiting on p2p and
-  issuing p2p (the rest: the schedule's own Python and the final loss broadcast).
+  issuing p2p (the rest: the schedule's own Python and the final loss broadcast);
+* ``bubble_at_stage_times`` (GPipe, 1F1B) — the idle fraction the measured stage compute times
+  imply with free communication: between it and the theory is the stages' imbalance, between it
+  and the measured bubble what p2p and the schedule cost.
 
 On CUDA the times are the GPU's: a chunk's compute is timed with CUDA events on its stream (so a
 wait for a received activation is not counted as compute) and the schedule and step times are
@@ -84,8 +87,9 @@ COLLECTIVES = {"all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", 
 class Probe(pl.Callback):
     """Per-rank timings and communication payloads of the measured steps; rank 0 writes them."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, instrument: bool = True):
         self.out = out
+        self.instrument = instrument    # False: step times only (the one-process run, in this process)
 
     # -- instrumentation, installed in each rank's process --------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -100,6 +104,8 @@ class Probe(pl.Callback):
         self.active = False
         self.cuda = trainer.strategy.root_device.type == "cuda"
         self.chunk_events = []      # CUDA: (start, end) events of this step's compute chunks
+        if not self.instrument:
+            return
 
         def timed(fn):
             def wrapper(*a, **k):
@@ -277,6 +283,22 @@ def theory_bubble(schedule: str, p: int, m: int) -> float:
     return 0.0
 
 
+def bubble_at_stage_times(schedule: str, ranks: list[dict], m: int) -> float | None:
+    """GPipe/1F1B's idle fraction for the stage times a run measured (each stage's compute per
+    micro-batch) and free communication: a step takes about (m − 1)·max(t) + Σ t (the slowest stage
+    works through every micro-batch, the others fill and drain), stage s idles 1 − m·t_s of it.
+    Above theory_bubble: what the stages' imbalance costs; below the measured bubble: what p2p and
+    the schedule's own work cost. None for the other schedules."""
+    if schedule not in ("gpipe", "1f1b"):
+        return None
+    per_stage: dict[int, list[float]] = {}
+    for r in ranks:
+        per_stage.setdefault(r["coords"]["pp"], []).append(r["pipe_ms"]["compute"] / m)
+    t = [statistics.mean(v) for _, v in sorted(per_stage.items())]
+    step = (m - 1) * max(t) + sum(t)
+    return statistics.mean(1.0 - m * ts / step for ts in t)
+
+
 def analytic_bytes(layout: dict, rank: dict, n_params: int) -> dict:
     """Payload bytes per optimizer step for one rank, from the shapes (fp32)."""
     dp, tp, pp = layout.get("dp", 1), layout.get("tp", 1), layout.get("pp", 1)
@@ -368,7 +390,7 @@ def main(argv=None):
                "machine": machine_info(), "layouts": {}, "skipped": skipped}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[Probe(f"{tmp}/ref.probe.json")])
+        ref = run(RunSpec(**base), f"{tmp}/ref.pt", callbacks=[Probe(f"{tmp}/ref.probe.json", instrument=False)])
         ref_time = time.perf_counter() - t0
         ref_step = json.loads(Path(f"{tmp}/ref.probe.json").read_text())["ranks"][0]["step_s"]
         n_params = sum(v.numel() for v in ref["params"].values())
@@ -404,12 +426,16 @@ def main(argv=None):
             if p > 1:
                 row["bubble_theoretical"] = round(theory_bubble(lay.get("schedule", "1f1b"), p, m), 4)
                 bubbles = [sum(r["bubble"] for r in probe["ranks"]) / len(probe["ranks"])]
+                at_stage_times = [bubble_at_stage_times(lay.get("schedule", "1f1b"), probe["ranks"], m)]
                 for k in range(1, args.repeats):   # the bubble is a timing: median of repeated runs
                     run(RunSpec(layout=lay, **base), f"{tmp}/{name}.pt", callbacks=[Probe(probe_file)])
                     again = json.loads(Path(probe_file).read_text())["ranks"]
                     bubbles.append(sum(r["bubble"] for r in again) / len(again))
+                    at_stage_times.append(bubble_at_stage_times(lay.get("schedule", "1f1b"), again, m))
                 row["bubble_measured_runs"] = [round(b, 4) for b in bubbles]
                 row["bubble_measured_mean"] = round(statistics.median(bubbles), 4)
+                if at_stage_times[0] is not None:
+                    row["bubble_at_stage_times"] = round(statistics.median(at_stage_times), 4)
                 row["stage_imbalance"] = round(probe["stage_plan"]["imbalance"], 4)
                 row["stages"] = probe["stage_plan"]["stages"]
             if lay.get("dp", 1) > 1 and lay.get("dp_mode", "allreduce") == "allreduce":
@@ -486,7 +512,7 @@ def markdown(results: dict) -> str:
              f"{results.get('accelerator', 'cpu')}/{results.get('backend', 'gloo')}, load average "
              f"{m.get('load_avg_1m', '?')} before / {m.get('load_avg_1m_after', '?')} after."
              + (f" One process: {ref:,.0f} tokens/s." if ref else ""), "",
-             "| layout | ranks | max_abs_diff | bubble measured median (min–max) / theory | imbalance | "
+             "| layout | ranks | max_abs_diff | bubble measured median (min–max) / at measured stage times / theory | imbalance | "
              "comm bytes/step rank 0 (measured / analytic) | params on rank 0 | tokens/s (× one process) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["layouts"].items():
@@ -494,7 +520,8 @@ def markdown(results: dict) -> str:
         meas = sum(r0["comm_bytes_per_step"].values())
         ana = sum(r0["comm_bytes_analytic"].values())
         runs = r.get("bubble_measured_runs", [])
-        bub = (f"{r['bubble_measured_mean']:.3f} ({min(runs):.3f}–{max(runs):.3f}) / {r['bubble_theoretical']:.3f}"
+        at = f"{r['bubble_at_stage_times']:.3f}" if "bubble_at_stage_times" in r else "–"
+        bub = (f"{r['bubble_measured_mean']:.3f} ({min(runs):.3f}–{max(runs):.3f}) / {at} / {r['bubble_theoretical']:.3f}"
                if "bubble_theoretical" in r else "–")
         imb = f"{r['stage_imbalance']:.3f}" if "stage_imbalance" in r else "–"
         tps = f"{r['tokens_per_s']:,.0f} ({r['speedup']:.2f})" if "tokens_per_s" in r else "–"

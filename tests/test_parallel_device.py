@@ -1,7 +1,8 @@
 """The CUDA/NCCL path, as far as a CPU machine can check it: each rank selects its own device before
 the process group exists, nothing in the parent initialises CUDA (forked ranks could not use it
 then), the GPU benchmark skips what the visible GPUs cannot run and refuses to start without GPUs,
-and the one-process reference it runs in a forked child trains exactly like one in-process."""
+and the one-process reference it runs in a forked child trains exactly like one in-process; and
+the benchmark's bubble at the measured stage times, which tells imbalance from communication."""
 import importlib.util
 import os
 import subprocess
@@ -115,3 +116,20 @@ def test_reference_in_a_forked_child_trains_like_one_in_process(tmp_path):
     assert child["losses"] == here["losses"] and len(here["losses"]) == 3
     assert max_abs_diff(child["params"], here["params"]) == 0.0
     assert max_abs_diff(child["parent_params"], here["parent_params"]) == 0.0
+
+
+def test_bubble_at_measured_stage_times_separates_imbalance_from_communication():
+    bench = _benchmark()
+
+    def ranks(*compute_ms):
+        return [{"coords": {"pp": s}, "pipe_ms": {"compute": c}} for s, c in enumerate(compute_ms)]
+
+    for p, m in ((2, 8), (4, 8), (2, 2), (3, 5)):     # equal stages: the schedule's own bubble
+        got = bench.bubble_at_stage_times("1f1b", ranks(*[80.0] * p), m)
+        assert got == pytest.approx(bench.theory_bubble("1f1b", p, m), abs=1e-12)
+    # a stage 10 % slower than the other: the other waits for it on every micro-batch
+    slow = bench.bubble_at_stage_times("gpipe", ranks(216.0, 237.6), 8)
+    step = 7 * 29.7 + 27.0 + 29.7                  # the slow stage 8 times, the fast one filling
+    assert slow == pytest.approx((1 - 8 * 27.0 / step + 1 - 8 * 29.7 / step) / 2)
+    assert slow > bench.theory_bubble("gpipe", 2, 8) + 0.02
+    assert bench.bubble_at_stage_times("zbv", ranks(100.0, 100.0), 8) is None
