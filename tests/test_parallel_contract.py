@@ -97,11 +97,9 @@ class ToyLM(nn.Module):
         return self.head(x) if self.head is not None else x
 
     # the contract
-    def tp_plan(self, sequence_parallel=False):
+    def tp_plan(self):                # no sequence-parallel variant: offers_sequence_parallel unset
         from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-        if sequence_parallel:
-            raise NotImplementedError
         plan = {}
         for k in self.layers:
             plan[f"layers.{k}.up"], plan[f"layers.{k}.down"] = ColwiseParallel(), RowwiseParallel()

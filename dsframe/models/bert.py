@@ -99,8 +99,8 @@ class BertClassifier(nn.Module):
     def _layers(self) -> list[tuple[str, nn.Module]]:
         return [(str(i), layer) for i, layer in enumerate(self.encoder.encoder.layer)]
 
-    def tp_plan(self, sequence_parallel: bool = False) -> dict:
-        return _tp_plan(self._layers(), sequence_parallel)
+    def tp_plan(self) -> dict:      # no sequence-parallel variant (offers_sequence_parallel unset)
+        return _tp_plan(self._layers())
 
     def tp_divisible(self) -> dict[str, int]:
         # gcd over layers: divisible by tp <=> every (possibly pruned) layer's count is. Only heads
@@ -173,8 +173,8 @@ class BertStage(nn.Module):
             return hidden, attention_mask
         return self.classifier(self.dropout(_pool(hidden, attention_mask, self.pooling)))
 
-    def tp_plan(self, sequence_parallel: bool = False) -> dict:
-        return _tp_plan(list(self.encoder.encoder.layer.items()), sequence_parallel)
+    def tp_plan(self) -> dict:
+        return _tp_plan(list(self.encoder.encoder.layer.items()))
 
 
 def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -184,15 +184,13 @@ def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> t
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def _tp_plan(layers: list[tuple[str, nn.Module]], sequence_parallel: bool) -> dict:
+def _tp_plan(layers: list[tuple[str, nn.Module]]) -> dict:
     """Megatron-style plan of the encoder layers. Per layer: query/key/value column-wise (whole heads
     per rank — transformers' BERT reshapes with ``view(*shape, -1, head_size)``, so n_head/tp local
     heads need no patch), attention output dense row-wise; FFN intermediate column-wise, output
     dense row-wise. Embeddings, LayerNorms, pooling and the classifier stay replicated."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    if sequence_parallel:
-        raise NotImplementedError("the BERT classifier has no sequence-parallel plan")
     plan: dict = {}
     for name, _ in layers:
         p = f"encoder.encoder.layer.{name}"

@@ -80,6 +80,7 @@ class GPT(nn.Module):
     """Token + position embedding → n_layer pre-norm blocks → LayerNorm → LM head."""
 
     kind: ClassVar[str] = "gpt"
+    offers_sequence_parallel: ClassVar[bool] = True     # tp_plan(sequence_parallel=True) exists
     description: ClassVar[str] = GPTConfig.description
     Config: ClassVar[type] = GPTConfig
 

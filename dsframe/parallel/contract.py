@@ -9,7 +9,8 @@ Tensor parallel (``strategy.tp > 1``)::
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, ParallelStyle]
         # module path (relative to self) -> DTensor ParallelStyle, for parallelize_module.
-        # Raise NotImplementedError when sequence_parallel=True is not offered.
+        # Asked with sequence_parallel=True only if the class says offers_sequence_parallel = True
+        # (otherwise the parameter may be left out).
     def tp_divisible(self) -> dict[str, int]
         # config key the user would change -> size tp must divide (heads, hidden, FFN, vocab...)
 
@@ -58,11 +59,20 @@ def supports_pp(model: Any) -> bool:
     return not missing(model, PP_METHODS)
 
 
+def offers_sequence_parallel(model: Any) -> bool:
+    """Whether the model's tp_plan has a sequence-parallel variant (a class attribute it declares)."""
+    return bool(getattr(model, "offers_sequence_parallel", False))
+
+
 def tp_plan(module: nn.Module, sequence_parallel: bool = False) -> dict:
     """The module's plan (a whole model or one of its pipeline stages)."""
     if not callable(getattr(module, "tp_plan", None)):
         raise TypeError(f"{type(module).__name__} has no tp_plan(): it cannot be tensor-parallel")
-    return module.tp_plan(sequence_parallel=sequence_parallel) if sequence_parallel else module.tp_plan()
+    if not sequence_parallel:
+        return module.tp_plan()
+    if not offers_sequence_parallel(module):
+        raise ValueError(f"{type(module).__name__} offers no sequence-parallel plan")
+    return module.tp_plan(sequence_parallel=True)
 
 
 def merge_stages(parts: list[nn.Module]) -> nn.Module:

@@ -83,11 +83,9 @@ class HybridStrategyFactory(StrategyFactory):
                 need = ", ".join(contract.missing(model, contract.TP_METHODS))
                 raise ConfigError("strategy.tp", dims.tp, f"1: model '{kind}' has no tensor-parallel plan "
                                                           f"(it lacks {need} of the parallel contract)")
-            try:
-                contract.tp_plan(model, sequence_parallel=config.sequence_parallel)
-            except NotImplementedError:
+            if config.sequence_parallel and not contract.offers_sequence_parallel(model):
                 raise ConfigError("strategy.sequence_parallel", config.sequence_parallel,
-                                  f"false: model '{kind}' offers no sequence-parallel plan") from None
+                                  f"false: model '{kind}' offers no sequence-parallel plan")
             divisible = model.tp_divisible()
         if dims.pp > 1 or divisible:
             units = len(model.pipeline_units()) if dims.pp > 1 else dims.num_stages
