@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+from dsframe.checks import integers_at_least
 from dsframe.errors import ConfigError
 
 
@@ -15,11 +16,8 @@ class LoaderConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        for key in ("batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
+        integers_at_least(self, "data", ("batch_size", "eval_batch_size", "max_length"))
+        integers_at_least(self, "data", ("num_workers",), 0)
 
 
 @dataclass
@@ -76,12 +74,9 @@ class TextCorpusConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        for key in ("seq_len", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
+        integers_at_least(self, "data", ("seq_len", "batch_size", "eval_batch_size"))
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError("data.val_fraction", self.val_fraction, "a float in (0, 0.5)")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError("data.max_train_samples", self.max_train_samples, "null or an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
+        integers_at_least(self, "data", ("num_workers",), 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict
 
+from dsframe.checks import unit_fractions
 from dsframe.errors import ConfigError
 from dsframe.models import hub
 
@@ -28,8 +29,7 @@ class BertConfig:
     def __post_init__(self):
         if self.num_labels < 2:
             raise ConfigError("model.num_labels", self.num_labels, "an integer >= 2")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.dropout", self.dropout, "a float in [0, 1)")
+        unit_fractions(self, "model", ("dropout",))
         if self.pooling not in POOLINGS:
             raise ConfigError("model.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         if self.attn_implementation not in ATTENTIONS:

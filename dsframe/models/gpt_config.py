@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dsframe.checks import integers_at_least, unit_fractions
 from dsframe.errors import ConfigError
 
 
@@ -20,11 +21,7 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self):
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"model.{key}", v, "an integer >= 1")
+        integers_at_least(self, "model", ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
             raise ConfigError("model.n_embd", self.n_embd, f"a multiple of model.n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.dropout", self.dropout, "a float in [0, 1)")
+        unit_fractions(self, "model", ("dropout",))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
 from dsframe import registry
+from dsframe.checks import integers_at_least, unit_fractions
 from dsframe.config.structured import to_dataclass
 from dsframe.errors import ConfigError
 from dsframe_multimodal import sources
@@ -43,9 +44,7 @@ class ResNetConfig:
     groups: int = 8               # GroupNorm groups
 
     def __post_init__(self):
-        if self.in_channels < 1 or self.channels < 1:
-            bad = "in_channels" if self.in_channels < 1 else "channels"
-            raise ConfigError(f"model.encoders.image.{bad}", getattr(self, bad), "an integer >= 1")
+        integers_at_least(self, "model.encoders.image", ("in_channels", "channels"))
         if not self.blocks or any(b < 1 for b in self.blocks):
             raise ConfigError("model.encoders.image.blocks", self.blocks, "a non-empty list of integers >= 1")
         if self.channels % self.groups:
@@ -65,11 +64,8 @@ class MFCCEncoderConfig:
     max_frames: int = 512  # after subsampling
 
     def __post_init__(self):
-        for key in ("n_features", "layers", "heads", "max_frames"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.encoders.audio.{key}", getattr(self, key), "an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.encoders.audio.dropout", self.dropout, "a float in [0, 1)")
+        integers_at_least(self, "model.encoders.audio", ("n_features", "layers", "heads", "max_frames"))
+        unit_fractions(self, "model.encoders.audio", ("dropout",))
 
 
 @dataclass
@@ -91,11 +87,8 @@ class Wav2VecConfig:
         if len(self.kernels) != len(self.strides) or not self.kernels:
             raise ConfigError("model.encoders.audio.strides", self.strides,
                               f"a list as long as model.encoders.audio.kernels ({len(self.kernels)})")
-        for key in ("channels", "pos_kernel", "pos_groups", "layers", "heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.encoders.audio.{key}", getattr(self, key), "an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.encoders.audio.dropout", self.dropout, "a float in [0, 1)")
+        integers_at_least(self, "model.encoders.audio", ("channels", "pos_kernel", "pos_groups", "layers", "heads"))
+        unit_fractions(self, "model.encoders.audio", ("dropout",))
 
 
 def encoder_modality(kind: str) -> str:
@@ -184,10 +177,8 @@ class MultimodalConfig:
             if m not in known:  # a typo here would otherwise be silently unused
                 raise ConfigError(f"model.encoders.{m}", self.encoders[m],
                                   f"an entry for a modality: {', '.join(sorted(known))}")
-        for key in ("width", "heads", "cross_layers", "hidden", "num_labels"):
-            if getattr(self, key) < (2 if key == "num_labels" else 1):
-                raise ConfigError(f"model.{key}", getattr(self, key),
-                                  "an integer >= 2" if key == "num_labels" else "an integer >= 1")
+        integers_at_least(self, "model", ("width", "heads", "cross_layers", "hidden"))
+        integers_at_least(self, "model", ("num_labels",), 2)
         if self.width % self.heads:
             raise ConfigError("model.heads", self.heads, f"a divisor of model.width ({self.width})")
         if self.fusion not in FUSIONS:
@@ -195,9 +186,7 @@ class MultimodalConfig:
         if self.fusion == "gmu" and len(self.modalities) != 2:
             raise ConfigError("model.fusion", "gmu", f"a fusion for {len(self.modalities)} modalities: the GMU "
                               f"fuses exactly 2 (model.modalities={list(self.modalities)})")
-        for key in ("dropout", "modality_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}", getattr(self, key), "a float in [0, 1)")
+        unit_fractions(self, "model", ("dropout", "modality_dropout"))
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -241,11 +230,8 @@ class AVDigitsConfig:
                 raise ConfigError("data.modalities", m, f"one of {', '.join(MODALITIES)}")
         if self.audio_source not in AUDIO_SOURCES:
             raise ConfigError("data.audio_source", self.audio_source, " | ".join(AUDIO_SOURCES))
-        for key in ("batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", getattr(self, key), "an integer >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", self.num_workers, "an integer >= 0")
+        integers_at_least(self, "data", ("batch_size", "eval_batch_size", "max_length"))
+        integers_at_least(self, "data", ("num_workers",), 0)
         for key in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, key) < 0.5:
                 raise ConfigError(f"data.{key}", getattr(self, key), "a float in (0, 0.5)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
+from dsframe.checks import integers_at_least
 from dsframe.errors import ConfigError
 
 
@@ -27,10 +28,8 @@ class EvaluateOptions:
     def __post_init__(self):
         if not self.fused:
             raise ConfigError("options.fused", list(self.fused), "at least one fused fit stage")
-        for key in ("examples", "latency_reps", "latency_threads"):
-            if getattr(self, key) < (0 if key == "examples" else 1):
-                raise ConfigError(f"options.{key}", getattr(self, key),
-                                  "an integer >= 0" if key == "examples" else "an integer >= 1")
+        integers_at_least(self, "options", ("examples",), 0)
+        integers_at_least(self, "options", ("latency_reps", "latency_threads"))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
+from dsframe.checks import integers_at_least
 from dsframe.errors import ConfigError
 from dsframe.optim import LR_RULES
 from dsframe_scheduler.advisor import ADVISOR_MODES, check_trace_folder
@@ -123,9 +124,7 @@ class ProfileOptions:
     val_batches: int = 4            # validation batches per row (eval_batch_size each)
 
     def __post_init__(self):
-        for key in ("steps", "validation_samples", "validation_every", "val_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"options.{key}", getattr(self, key), "an integer >= 1")
+        integers_at_least(self, "options", ("steps", "validation_samples", "validation_every", "val_batches"))
         for key in ("batch_sizes", "workers", "validation_batches"):
             if not getattr(self, key) or min(getattr(self, key)) < 1:
                 raise ConfigError(f"options.{key}", getattr(self, key), "a non-empty list of integers >= 1")
