@@ -107,23 +107,33 @@ class Probe(pl.Callback):
         if not self.instrument:
             return
 
-        def timed(fn):
+        def host_timed(fn, key, payload=None):
+            """``fn`` with its host time (and ``payload(args)`` bytes into "pp") added while measuring."""
             def wrapper(*a, **k):
-                if probe.cuda and probe.active:
-                    # queued after the stream's wait for received tensors: only the chunk's kernels
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        end.record()
-                        probe.chunk_events.append((start, end))
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
                     if probe.active:
-                        probe.c["busy"] += time.perf_counter() - t0
+                        probe.c[key] += time.perf_counter() - t0
+                        if payload is not None:
+                            probe.c["pp"] += payload(a)
+            return wrapper
+
+        def timed(fn):
+            host = host_timed(fn, "busy")
+
+            def wrapper(*a, **k):
+                if not (probe.cuda and probe.active):
+                    return host(*a, **k)
+                # queued after the stream's wait for received tensors: only the chunk's kernels
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    end.record()
+                    probe.chunk_events.append((start, end))
             return wrapper
 
         # compute: forward, backward (zero-bubble schedules: input-gradient and deferred weight-
@@ -133,31 +143,12 @@ class Probe(pl.Callback):
         _PipelineStageBase.backward_weight_one_chunk = timed(_PipelineStageBase.backward_weight_one_chunk)
         schedules._PipelineSchedule._maybe_compute_loss = timed(schedules._PipelineSchedule._maybe_compute_loss)
 
-        def counted_p2p(fn):
-            def wrapper(ops, *a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(ops, *a, **k)
-                finally:
-                    if probe.active:
-                        probe.c["pp"] += sum(op.tensor.numel() * op.tensor.element_size()
-                                             for op in ops if op.op is dist.isend)
-                        probe.c["p2p_issue"] += time.perf_counter() - t0
-            return wrapper
-
-        def waited(fn):
-            def wrapper(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    if probe.active:
-                        probe.c["p2p_wait"] += time.perf_counter() - t0
-            return wrapper
+        def sent_bytes(args):
+            return sum(op.tensor.numel() * op.tensor.element_size() for op in args[0] if op.op is dist.isend)
 
         # where a rank's non-compute time goes (host time): issuing sends/receives, waiting on them
-        schedules._batch_p2p = counted_p2p(schedules._batch_p2p)   # _sorted_batch_p2p calls it too
-        schedules._wait_batch_p2p = waited(schedules._wait_batch_p2p)
+        schedules._batch_p2p = host_timed(schedules._batch_p2p, "p2p_issue", sent_bytes)  # _sorted_batch_p2p too
+        schedules._wait_batch_p2p = host_timed(schedules._wait_batch_p2p, "p2p_wait")
 
         def counted(fn, key):
             def wrapper(*a, **k):
