@@ -80,6 +80,12 @@ def gpu_name() -> str | None:
 
     if torch.cuda.is_initialized():
         return torch.cuda.get_device_name(0)
+    return _nvidia_smi_gpu_name()
+
+
+@lru_cache(maxsize=1)
+def _nvidia_smi_gpu_name() -> str | None:
+    # asked once per process: every record and report of a run describes the machine
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)

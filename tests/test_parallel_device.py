@@ -67,6 +67,7 @@ def test_machine_record_and_backend_choice_do_not_initialise_cuda(monkeypatch, t
     fake.write_text("#!/bin/sh\necho 'NVIDIA H200'\necho 'NVIDIA H200'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    machine._nvidia_smi_gpu_name.cache_clear()     # asked once per process: ask this fake one
     info = machine.machine_info()
     assert info["gpus"] == 2 and info["gpu"] == "NVIDIA H200"
     assert LaunchConfig().resolved_backend("auto") == "nccl"
